@@ -1,0 +1,43 @@
+# Fresh machine: `make demo` and `make test` create .venv themselves.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARCH := $(shell uname -m)
+# the torch build this project is tested with (x86_64 wheels lie on the development machines' disk)
+ifeq ($(ARCH),aarch64)
+TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: setup demo test test-slow test-ddp lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/mics demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+test-ddp: setup
+	$(PY) -m pytest -m ddp
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) benchmarks/throughput.py --preset cpu
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,69 @@
+"""Run logging: JSON-lines metrics, TensorBoard scalars and progress bars (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mics.engine.distributed import is_main
+
+
+class MetricsLogger:
+    """Append-only ``metrics.jsonl`` plus TensorBoard event files under ``<run>/tb``."""
+
+    def __init__(self, run_dir: Path | None, tensorboard: bool = True) -> None:
+        self.enabled = run_dir is not None and is_main()
+        self.path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+        self._tb = None
+        if self.enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))  # type: ignore[arg-type]
+            except ImportError:  # tensorboard is optional at run time
+                self._tb = None
+
+    def log(self, stage: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled or self.path is None:
+            return
+        clean = {k: _plain(v) for k, v in values.items()}
+        record = {"time": round(time.time(), 3), "stage": stage, "step": step, **clean}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{stage}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 6) if math.isfinite(v) else str(v)
+    return v
+
+
+def progress(iterable: Any = None, *, total: int | None = None, desc: str = "", leave: bool = False,
+             initial: int = 0) -> tqdm:
+    """A tqdm bar on stderr, silent on ranks other than 0."""
+    return tqdm(iterable, total=total, desc=desc, leave=leave, initial=initial, disable=not is_main(),
+                dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+
+def info(message: str) -> None:
+    """A one-line status message for the user (rank 0 only), printed above any bar."""
+    if is_main():
+        tqdm.write(message, file=sys.stderr)

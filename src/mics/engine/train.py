@@ -1,0 +1,271 @@
+"""The one training loop shared by pre-training, fine-tuning and every baseline.
+
+A method is an ``nn.Module`` whose ``forward(batch, info)`` returns ``(loss, logs)``; it may also define
+``after_step()`` (momentum encoders, queues), ``extra_state()`` / ``load_extra_state()`` (state outside
+the parameters, e.g. a baseline's class-wise thresholds) and is fed by a ``batches(epoch)`` iterator.
+The loop owns optimisation, the learning-rate schedule, the evaluated EMA copy, validation-based
+selection, checkpoints (each epoch, atomic) and resumption. All randomness of an epoch is derived from
+(seed, stage, epoch), and the RNG states are checkpointed, so a resumed run on CPU reproduces an
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import random
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from mics.engine import distributed as dist
+from mics.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mics.engine.logging import MetricsLogger, info, progress
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    epoch: int
+    step: int  # global optimiser step, 0-based
+    total_steps: int
+    epoch_progress: float  # fraction of the current epoch done, in [0, 1)
+    generator: torch.Generator  # the epoch's generator: augmentation, masking, sampling
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int
+    steps_per_epoch: int
+    lr: float
+    min_lr: float
+    weight_decay: float
+    warmup_steps: int
+    ema: float | None = None  # decay of the evaluated EMA copy; None = evaluate the online weights
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+class TrainMethod(Protocol):
+    def __call__(self, batch: Any, info: StepInfo) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+
+BatchFn = Callable[[int, torch.Generator], Iterator[Any]]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; ``cuda`` under torchrun picks the local rank's GPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        return torch.device("cuda", dist.local_rank())
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, stable across runs and processes (unlike ``hash``)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def cosine_lr(step: int, schedule: Schedule) -> float:
+    """Linear warm-up to ``lr`` then half-cosine decay to ``min_lr`` at the last step."""
+    if step < schedule.warmup_steps:
+        return schedule.lr * (step + 1) / schedule.warmup_steps
+    span = max(1, schedule.total_steps - schedule.warmup_steps)
+    t = min(1.0, (step - schedule.warmup_steps) / span)
+    return schedule.min_lr + 0.5 * (schedule.lr - schedule.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases, norms, tokens and position embeddings (1-D or named so)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token", "temp")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
+
+
+class EMAModel:
+    """Exponential moving average of a module's parameters and buffers, used for evaluation."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        # the usual warm-up of the decay lets early evaluations reflect training instead of the random init
+        d = min(self.decay, (1 + step) / (10 + step))
+        ema_p = [p for p in self.module.parameters()]
+        src_p = [p.detach() for p in module.parameters()]
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
+        for b_ema, b in zip(self.module.buffers(), module.buffers(), strict=True):
+            b_ema.copy_(b)
+
+
+def autocast_context(device: torch.device, precision: str) -> Any:
+    if precision == "bf16" and device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class FitResult:
+    best_score: float | None
+    best_epoch: int | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def fit(
+    method: nn.Module,
+    batches: BatchFn,
+    schedule: Schedule,
+    *,
+    stage: str,
+    seed: int,
+    device: torch.device,
+    ckpt_dir: Path | None,
+    logger: MetricsLogger,
+    evaluate: EvalFn | None = None,
+    eval_every: int = 1,
+    precision: str = "fp32",
+    resume: bool = False,
+    extra: Any = None,
+) -> FitResult:
+    """Train ``method`` for ``schedule``; returns the best validation score (``evaluate`` must return
+    ``{"score": ...}``, higher is better) and restores the selected weights into ``method`` (the EMA
+    copy's when ``schedule.ema`` is set).
+
+    ``extra`` is any object with ``state_dict()`` / ``load_state_dict()`` checkpointed with the model.
+    Checkpoints: ``<ckpt_dir>/last`` each epoch (for ``resume``) and ``<ckpt_dir>/best`` on a new best.
+    """
+    method.to(device)
+    optimizer = build_optimizer(method, schedule.lr, schedule.weight_decay, device)
+    ema = EMAModel(method, schedule.ema) if schedule.ema is not None else None
+    train_module: nn.Module = method
+    if dist.is_distributed():
+        train_module = nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None)
+    result = FitResult(best_score=None, best_epoch=None)
+    start_epoch = 0
+    if resume and ckpt_dir is not None and (Path(ckpt_dir) / "last.json").exists():
+        state, meta = load_checkpoint(Path(ckpt_dir) / "last", map_location=device)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        if extra is not None and "extra" in state:
+            extra.load_state_dict(state["extra"])
+        set_rng_state(state["rng"])
+        start_epoch = int(meta["epoch"]) + 1
+        result = FitResult(meta.get("best_score"), meta.get("best_epoch"), list(meta.get("history", [])))
+        info(f"[{stage}] resuming after epoch {start_epoch} of {schedule.epochs}")
+    total = schedule.total_steps
+    bar = progress(total=total, desc=stage, initial=start_epoch * schedule.steps_per_epoch)
+    for epoch in range(start_epoch, schedule.epochs):
+        train_module.train()
+        generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, stage, epoch, dist.rank()))
+        seed_all(derive_seed(seed, stage, "global", epoch, dist.rank()))
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        for i, batch in enumerate(batches(epoch, generator)):
+            step = epoch * schedule.steps_per_epoch + i
+            lr = cosine_lr(step, schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_info = StepInfo(epoch, step, total, i / schedule.steps_per_epoch, generator)
+            with autocast_context(device, precision):
+                loss, logs = train_module(batch, step_info)
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLossError(
+                    f"[{stage}] the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    "the last good checkpoint is kept. Lower the learning rate or check the input images.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            after = getattr(method, "after_step", None)
+            if after is not None:
+                after(step_info)
+            if ema is not None:
+                ema.update(method, step)
+            # summed as tensors: a float() per step would wait for the accelerator every step
+            for k, v in {"loss": loss.detach(), **logs}.items():
+                v = torch.as_tensor(v, device=device).detach().float()
+                sums[k] = sums[k] + v if k in sums else v
+            n += 1
+            bar.update(1)
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}", epoch=epoch + 1, refresh=False)
+        epoch_logs = {k: float(dist.all_reduce_mean(v / max(n, 1))) for k, v in sums.items()}
+        epoch_logs["lr"] = lr if n else 0.0
+        record: dict[str, float] = {"epoch": epoch + 1, **epoch_logs}
+        if evaluate is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == schedule.epochs):
+            scored = evaluate(ema.module if ema is not None else method)
+            record.update({f"val_{k}": v for k, v in scored.items()})
+            if result.best_score is None or scored["score"] > result.best_score:
+                result.best_score, result.best_epoch = scored["score"], epoch + 1
+                if ckpt_dir is not None and dist.is_main():
+                    weights = ema.module if ema is not None else method
+                    save_checkpoint(Path(ckpt_dir) / "best", {"model": weights.state_dict()},
+                                    info={"epoch": epoch + 1, "score": scored["score"]})
+        result.history.append(record)
+        logger.log(stage, (epoch + 1) * schedule.steps_per_epoch, record)
+        if ckpt_dir is not None and dist.is_main():
+            state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}
+            if ema is not None:
+                state["ema"] = ema.module.state_dict()
+            if extra is not None:
+                state["extra"] = extra.state_dict()
+            save_checkpoint(Path(ckpt_dir) / "last", state,
+                            info={"epoch": epoch, "best_score": result.best_score, "best_epoch": result.best_epoch,
+                                  "history": result.history, "stage": stage})
+        dist.barrier()
+    bar.close()
+    if evaluate is not None and ckpt_dir is not None and (Path(ckpt_dir) / "best.json").exists():
+        state, _ = load_checkpoint(Path(ckpt_dir) / "best", map_location=device)
+        method.load_state_dict(state["model"])
+    elif ema is not None:
+        method.load_state_dict(ema.module.state_dict())
+    return result

@@ -1,0 +1,119 @@
+"""The semi-supervised baselines' training: one loop for every algorithm in ``mics.methods.ssl``.
+
+Same backbone as MICS's WLI encoder (same size preset, random init) with a linear head, an EMA copy for
+evaluation, and the same number of optimiser iterations as MICS's pre-training + fine-tuning combined.
+``standard`` way: strong view = RandAugment of the same image; ``multimodal`` way: strong view = the weakly
+augmented partner image (NBI / second modality). Evaluation uses modality A only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from mics.config import ModelConfig, RunConfig, SSLConfig
+from mics.data.views import strong, to_float, weak
+from mics.engine.train import BatchFn, StepInfo
+from mics.methods.pretrain import build_encoder, epoch_order
+from mics.methods.ssl import SSLAlgorithm
+from mics.models.heads import Classifier
+
+Way = Literal["standard", "multimodal"]
+
+
+class SSLTraining(nn.Module):
+    """Backbone + linear head trained with a labelled loss and an algorithm's unlabelled loss."""
+
+    def __init__(self, model: ModelConfig, image_size: int, num_classes: int, algorithm: SSLAlgorithm) -> None:
+        super().__init__()
+        self.backbone = build_encoder(model, image_size)
+        self.head = Classifier(model.width, num_classes)
+        self.algorithm = algorithm
+        self.num_classes = num_classes
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 3, H, W] -> CLS features [B, D]."""
+        return self.backbone(x)[:, 0]
+
+    def forward(self, batch: dict[str, torch.Tensor], info: StepInfo) -> tuple[torch.Tensor, dict[str, Any]]:
+        x_l, y_l = batch["x_l"], batch["y_l"]
+        if "x_u_w" not in batch:
+            sup = self.algorithm.supervised_loss(self.head(self.features(x_l)), y_l)
+            self.algorithm.observe_supervised(float(sup.detach()), info.step)
+            return sup, {"l_sup": sup.detach()}
+        x_u_w, x_u_s = batch["x_u_w"], batch["x_u_s"]
+        x_l, y_l, x_u_w, x_u_s = self.algorithm.mix_batch(x_l, y_l, x_u_w, x_u_s, None, info.generator)
+        n_l, n_u = x_l.shape[0], x_u_w.shape[0]
+        # one pass over labelled + weak + strong views: batch norm-free ViT, so this equals three passes
+        feats = self.features(torch.cat([x_l, x_u_w, x_u_s]))
+        logits = self.head(feats)
+        logits_l, logits_w, logits_s = logits[:n_l], logits[n_l:n_l + n_u], logits[n_l + n_u:]
+        sup = self.algorithm.supervised_loss(logits_l, y_l)
+        self.algorithm.observe_supervised(float(sup.detach()), info.step)
+        out = self.algorithm.unlabelled_loss(logits_w.detach(), logits_s, batch["idx_u"], info.step, info.total_steps,
+                                             feats_w=feats[n_l:n_l + n_u].detach(), feats_s=feats[n_l + n_u:])
+        logs: dict[str, Any] = {"l_sup": sup.detach(), "l_unsup": out.loss.detach(),
+                                "mask_rate": out.mask.float().mean().detach()}
+        if "y_u" in batch:  # pseudo-label accuracy on the unlabelled batch: monitoring only, never trained on
+            logs["pseudo_acc"] = (out.pseudo_labels == batch["y_u"]).float().mean().detach()
+        logs.update({k: v for k, v in out.logs.items() if k not in logs})
+        return sup + out.loss, logs
+
+    @torch.no_grad()
+    def predict(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """probs [B, C] and features [B, D] on modality A."""
+        feats = self.features(a)
+        return self.head(feats).float().softmax(dim=-1), feats.float()
+
+
+def ssl_iterations(cfg: RunConfig, n_train: int, n_labelled: int) -> int:
+    """The baselines' budget: SSLConfig.iterations if set, else MICS's pre-training + fine-tuning steps."""
+    if cfg.ssl.iterations > 0:
+        return cfg.ssl.iterations
+    from mics.pipeline import finetune_steps_per_epoch, pretrain_steps_per_epoch
+
+    return (cfg.pretrain.epochs * pretrain_steps_per_epoch(cfg, n_train)
+            + cfg.finetune.epochs * finetune_steps_per_epoch(cfg, n_labelled))
+
+
+def ssl_batches(arrays_a: np.ndarray, arrays_b: np.ndarray, labels: np.ndarray, labelled: np.ndarray,
+                unlabelled: np.ndarray, cfg: SSLConfig, way: Way, steps_per_epoch: int, device: torch.device,
+                seed: int, use_unlabelled: bool = True) -> BatchFn:
+    """Per step: B labelled weak views, and uratio*B unlabelled (weak, strong) views with their indices into
+    ``unlabelled``. Each stream cycles through fresh seeded permutations."""
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    b_l, b_u = cfg.batch_size, cfg.batch_size * cfg.uratio
+    positions = np.arange(len(unlabelled))
+
+    def stream(indices: np.ndarray, batch: int, tag: str, epoch: int) -> torch.Tensor:
+        rounds = math.ceil(steps_per_epoch * batch / max(1, len(indices))) + 1
+        return torch.cat([epoch_order(indices, seed, f"{tag}.{epoch}.{k}") for k in range(rounds)])
+
+    def load(arrays: np.ndarray, sel: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(arrays[sel])).to(device)
+
+    def batches(epoch: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        order_l = stream(labelled, b_l, "l", epoch)
+        order_u = stream(positions, b_u, "u", epoch) if use_unlabelled else None
+        for i in range(steps_per_epoch):
+            sel_l = order_l[i * b_l:(i + 1) * b_l].numpy()
+            batch = {"x_l": to_float(weak(load(arrays_a, sel_l), generator)), "y_l": labels_t[sel_l].to(device)}
+            if order_u is not None:
+                pos = order_u[i * b_u:(i + 1) * b_u].numpy()
+                sel_u = unlabelled[pos]
+                u_a = load(arrays_a, sel_u)
+                batch["x_u_w"] = to_float(weak(u_a, generator))
+                if way == "standard":
+                    batch["x_u_s"] = to_float(strong(u_a, cfg.randaugment_ops, cfg.randaugment_magnitude))
+                else:
+                    batch["x_u_s"] = to_float(weak(load(arrays_b, sel_u), generator))
+                batch["idx_u"] = torch.from_numpy(pos).to(device)
+                batch["y_u"] = labels_t[sel_u].to(device)
+            yield batch
+
+    return batches

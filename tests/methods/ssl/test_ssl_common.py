@@ -1,0 +1,224 @@
+"""The contract every baseline shares: registry, gradient flow, exact resume, argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mics.config import SSLConfig
+from mics.methods.ssl import ALGORITHMS, build_algorithm, known_params
+from mics.methods.ssl.base import MaskedConsistencyLoss, last_occurrence, masked_consistency_loss
+
+NUM_CLASSES = 4
+NUM_UNLABELLED = 12
+FEAT_DIM = 6
+TOTAL_STEPS = 20
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _config() -> SSLConfig:
+    # Dash: a 2-step warm-up and a decay every 2 steps so a 6-step run crosses both regimes.
+    return SSLConfig(params={"warmup_steps": 2.0, "rho_period_frac": 0.1})
+
+
+def _batch(step: int, device: str, batch: int = 6) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    logits_w = 4.0 * torch.randn(batch, NUM_CLASSES, generator=gen)
+    logits_s = logits_w + torch.randn(batch, NUM_CLASSES, generator=gen)
+    idx = torch.randperm(NUM_UNLABELLED, generator=gen)[:batch]
+    feats = torch.randn(batch, FEAT_DIM, generator=gen)
+    return {k: v.to(device) for k, v in dict(logits_w=logits_w, logits_s=logits_s, idx=idx, feats=feats).items()}
+
+
+def _head(device: str) -> torch.nn.Linear:
+    head = torch.nn.Linear(FEAT_DIM, NUM_CLASSES)
+    with torch.no_grad():
+        head.weight.copy_(torch.linspace(-1, 1, FEAT_DIM * NUM_CLASSES).view(NUM_CLASSES, FEAT_DIM))
+        head.bias.zero_()
+    return head.to(device)
+
+
+def _run_step(algo, step: int, device: str, head: torch.nn.Module):
+    b = _batch(step, device)
+    algo.observe_supervised(1.2 + 0.1 * step, step)
+    return algo.unlabelled_loss(
+        b["logits_w"], b["logits_s"], b["idx"], step, TOTAL_STEPS, b["feats"], b["feats"], classifier=head
+    )
+
+
+def _states_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_registry_names_and_classes() -> None:
+    expected = {"supervised", "fixmatch", "flexmatch", "dash", "freematch", "softmatch", "habit", "siabc"}
+    assert set(ALGORITHMS) == expected
+    for name, cls in ALGORITHMS.items():
+        assert cls.name == name
+        assert isinstance(build_algorithm(name, 3, 5, SSLConfig()), cls)
+
+
+def test_build_algorithm_rejects_unknown_name_and_lists_valid_ones() -> None:
+    with pytest.raises(ValueError, match="unknown semi-supervised algorithm 'mixmatch'.*fixmatch.*siabc"):
+        build_algorithm("mixmatch", 3, 5, SSLConfig())
+
+
+def test_build_algorithm_rejects_unknown_param_but_accepts_other_methods_params() -> None:
+    with pytest.raises(ValueError, match="unknown ssl.params gama"):
+        build_algorithm("dash", 3, 5, SSLConfig(params={"gama": 1.3}))
+    algo = build_algorithm("fixmatch", 3, 5, SSLConfig(params={"gamma": 1.3, "hard_label": 0.0}))
+    assert not algo.flag("hard_label")
+    assert "n_sigma" in known_params() and "rfc_weight" in known_params()
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_gradient_reaches_strong_logits_only(name: str) -> None:
+    algo = build_algorithm(name, NUM_CLASSES, NUM_UNLABELLED, _config())
+    head = _head("cpu")
+    for step in range(3):  # past Dash's warm-up
+        _run_step(algo, step, "cpu", head)
+    b = _batch(3, "cpu")
+    # confident weak predictions over all classes, so every method masks some samples in
+    confident = 12.0 * torch.nn.functional.one_hot(torch.arange(6) % NUM_CLASSES, NUM_CLASSES).float()
+    logits_w = (confident + 0.1 * b["logits_w"]).requires_grad_(True)
+    logits_s = b["logits_s"].clone().requires_grad_(True)
+    out = algo.unlabelled_loss(logits_w, logits_s, b["idx"], 3, TOTAL_STEPS, b["feats"], b["feats"], classifier=head)
+    assert out.loss.dim() == 0 and out.loss.requires_grad
+    out.loss.backward()
+    assert logits_w.grad is None
+    assert logits_s.grad is not None and torch.isfinite(logits_s.grad).all()
+    if name != "supervised":
+        assert out.mask.sum() > 0 and logits_s.grad.abs().sum() > 0
+    assert out.mask.shape == (6,) and out.mask.dtype == torch.float32
+    assert ((out.mask >= 0) & (out.mask <= 1)).all()
+    assert out.pseudo_labels.shape == (6,) and out.pseudo_labels.dtype == torch.long
+    assert all(isinstance(v, float) and math.isfinite(v) for v in out.logs.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_state_dict_round_trip_resumes_identically(name: str, device: str) -> None:
+    head = _head(device)
+    original = build_algorithm(name, NUM_CLASSES, NUM_UNLABELLED, _config())
+    for step in range(4):
+        _run_step(original, step, device, head)
+    saved = original.state_dict()
+    assert all(isinstance(v, (torch.Tensor, int, float)) for v in saved.values())
+    assert all(v.device.type == "cpu" for v in saved.values() if isinstance(v, torch.Tensor))
+
+    resumed = build_algorithm(name, NUM_CLASSES, NUM_UNLABELLED, _config())
+    resumed.load_state_dict(saved)
+    _states_equal(resumed.state_dict(), saved)
+    for step in range(4, 7):
+        a = _run_step(original, step, device, head)
+        b = _run_step(resumed, step, device, head)
+        assert torch.equal(a.loss.detach(), b.loss.detach())
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.pseudo_labels, b.pseudo_labels)
+        assert a.logs == b.logs
+    _states_equal(original.state_dict(), resumed.state_dict())
+
+
+@pytest.mark.parametrize("name", ["flexmatch", "freematch", "softmatch", "habit", "siabc", "dash"])
+def test_state_changes_with_training_so_round_trip_is_meaningful(name: str) -> None:
+    algo = build_algorithm(name, NUM_CLASSES, NUM_UNLABELLED, _config())
+    before = algo.state_dict()
+    for step in range(3):
+        _run_step(algo, step, "cpu", _head("cpu"))
+    after = algo.state_dict()
+    changed = [
+        k
+        for k in before
+        if (not torch.equal(before[k], after[k]) if isinstance(before[k], torch.Tensor) else before[k] != after[k])
+    ]
+    assert changed
+
+
+def test_load_state_dict_rejects_missing_unexpected_and_misshapen_entries() -> None:
+    algo = build_algorithm("flexmatch", 3, 5, SSLConfig())
+    state = algo.state_dict()
+    with pytest.raises(ValueError, match="missing keys \\['classwise_acc'\\]"):
+        algo.load_state_dict({"selected_label": state["selected_label"]})
+    with pytest.raises(ValueError, match="unexpected keys \\['rho'\\]"):
+        algo.load_state_dict({**state, "rho": 1.0})
+    with pytest.raises(ValueError, match="selected_label"):
+        algo.load_state_dict({**state, "selected_label": torch.zeros(6, dtype=torch.long)})
+
+
+def test_inputs_are_validated() -> None:
+    algo = build_algorithm("fixmatch", 3, 5, SSLConfig())
+    good = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="logits_w must be"):
+        algo.unlabelled_loss(torch.zeros(2, 4), torch.zeros(2, 4), torch.arange(2), 0, 1)
+    with pytest.raises(ValueError, match="logits_s must match"):
+        algo.unlabelled_loss(good, torch.zeros(3, 3), torch.arange(2), 0, 1)
+    with pytest.raises(ValueError, match="idx must be"):
+        algo.unlabelled_loss(good, good, torch.zeros(2), 0, 1)
+    flex = build_algorithm("flexmatch", 3, 5, SSLConfig())
+    with pytest.raises(ValueError, match="idx must lie in \\[0, 5\\)"):
+        flex.unlabelled_loss(good, good, torch.tensor([0, 5]), 0, 1)
+    with pytest.raises(ValueError, match="y must be"):
+        algo.supervised_loss(good, torch.zeros(2))
+    with pytest.raises(ValueError, match="threshold"):
+        build_algorithm("fixmatch", 3, 5, SSLConfig(threshold=1.5))
+
+
+def test_supervised_loss_is_mean_cross_entropy() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    y = torch.tensor([0, 2])
+    expected = (-(2.0 - math.log(math.exp(2) + 1 + math.exp(-1))) + math.log(3)) / 2
+    for name in ALGORITHMS:
+        loss = build_algorithm(name, 3, 5, SSLConfig()).supervised_loss(logits, y)
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_supervised_baseline_contributes_nothing() -> None:
+    algo = build_algorithm("supervised", 3, 5, SSLConfig())
+    logits_s = torch.randn(4, 3, requires_grad=True)
+    out = algo.unlabelled_loss(torch.tensor([[9.0, 0, 0]] * 4), logits_s, torch.arange(4), 0, 10)
+    assert out.loss.item() == 0.0 and torch.equal(out.mask, torch.zeros(4))
+    assert torch.equal(out.pseudo_labels, torch.zeros(4, dtype=torch.long))
+    x = torch.randn(2, 3, 4, 4)
+    assert algo.mix_batch(x, torch.tensor([0, 1]), x, x, None, None)[0] is x
+    assert algo.ema_decay(0.999, torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)) == 0.999
+
+
+def _naive_masked_ce(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
+    total = 0.0
+    for row, target, weight in zip(logits, targets, mask, strict=True):
+        log_z = math.log(sum(math.exp(v) for v in row))
+        if np.ndim(target) == 0:
+            total += weight * (log_z - row[int(target)])
+        else:
+            total += weight * sum(t * (log_z - v) for t, v in zip(target, row, strict=True))
+    return total / len(logits)
+
+
+def test_masked_consistency_loss_matches_loop_for_hard_and_soft_targets() -> None:
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.25], dtype=torch.float64)
+    hard = torch.tensor([0, 3, 1, 1, 2])
+    soft = torch.softmax(torch.randn(5, 4, generator=gen, dtype=torch.float64), dim=-1)
+    for targets in (hard, soft):
+        got = masked_consistency_loss(logits, targets, mask).item()
+        assert got == pytest.approx(_naive_masked_ce(logits.numpy(), targets.numpy(), mask.numpy()), rel=1e-10)
+    module = MaskedConsistencyLoss()
+    assert module(logits, hard, mask).item() == pytest.approx(masked_consistency_loss(logits, hard, mask).item())
+    with pytest.raises(ValueError, match="mask must be"):
+        module(logits, hard, mask[:3])
+    with pytest.raises(ValueError, match="soft targets"):
+        module(logits, soft[:, :3], mask)
+
+
+def test_last_occurrence_keeps_the_last_position_of_each_index() -> None:
+    unique, positions = last_occurrence(torch.tensor([7, 2, 7, 5, 2, 7]))
+    assert unique.tolist() == [2, 5, 7]
+    assert positions.tolist() == [4, 3, 5]
