@@ -54,7 +54,9 @@ def main() -> None:
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{VirtualNBI.name}: bundled HyperKvasir frames (CC BY 4.0) and their generated partners", fontsize=10)
+    fig.suptitle(
+        f"{VirtualNBI.name}: bundled HyperKvasir frames (CC BY 4.0) and their generated partners", fontsize=10
+    )
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

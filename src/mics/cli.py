@@ -219,6 +219,48 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Folder for the demo's 
                f"report: {out / 'report.md'}")
 
 
+@app.command()
+def bench(grid: Annotated[Path, typer.Option("--grid", help="Grid YAML (configs/table2-smoke.yaml, ...).")],
+          out: Annotated[Path, typer.Option("--out", help="Bench folder: runs/, logs/, results.csv, results.md.")],
+          jobs: Annotated[int, typer.Option("--jobs", help="Cells run at once; the CPU cores are shared out.")] = 1,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their commands only.")] = False,
+          set_: SetOpt = None,
+          set_data: Annotated[Optional[list[str]], typer.Option(
+              "--set-data", help="Data folder of a grid data set, NAME=PATH (repeat).")] = None,
+          only: Annotated[Optional[list[str]], typer.Option(
+              "--only", help="Run only the cells whose id matches this glob (repeat).")] = None,
+          ) -> None:
+    """Run a grid of cells (data set x method x way x label ratio x seed), resuming what is left; writes
+    OUT/results.csv and OUT/results.md (the paper's Tables II-IV)."""
+    from mics import bench as bench_mod
+
+    spec = bench_mod.load_grid(grid)
+    data_paths = bench_mod.parse_assignments(set_data or [], "--set-data")
+    if dry_run:
+        cells = bench_mod.expand_cells(spec, data_paths=data_paths, overrides=set_ or [])
+        plan = bench_mod.plan_cells(bench_mod.select_cells(cells, only or []), out, all_cells=cells)
+        typer.echo(bench_mod.describe_plan(plan, out))
+        return
+    result = bench_mod.run_bench(spec, out, jobs=jobs, only=only or [], overrides=set_ or [],
+                                 data_paths=data_paths, command=_command())
+    typer.echo(f"{len(result.ran)} cell(s) run, {len(result.done)} finished in all, {len(result.failed)} failed; "
+               f"results: {result.results_md}")
+    for cid, reason in result.failed.items():
+        typer.secho(f"failed: {cid}: {reason}", fg=typer.colors.RED, err=True)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def figures(bench_dir: Annotated[Path, typer.Option("--bench", help="A folder written by 'mics bench'.")],
+            out: Annotated[Optional[Path], typer.Option("--out", help="Default: BENCH/figures.")] = None) -> None:
+    """UMAP of test features (Fig. 8), confusion matrices, learning curves and label efficiency, as PNGs."""
+    from mics.eval.figures import make_figures
+
+    for path in make_figures(bench_dir, out):
+        typer.echo(str(path))
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one-line messages."""
     from mics.data.errors import DataError

@@ -114,7 +114,8 @@ def init_run(data: str | Path, run_dir: str | Path, *, pair: str = "auto", cfg: 
     if split_path.exists():
         split = load_split(split_path, images)
     else:
-        split = make_split(images.labels(), images.groups(), seed=cfg.seed, fractions=cfg.data.split)
+        split = make_split(images.labels(), images.groups(), seed=cfg.seed, fractions=cfg.data.split,
+                           class_names=images.classes)
         if dist.is_main():
             save_split(split, images, split_path)
     labelled = labelled_subset(images.labels(), split.train, labels, seed=cfg.seed)

@@ -21,6 +21,10 @@ def class_tree(tmp_path: Path) -> Path:
     (root / "README.md").write_text("notes\n")
     (root / "LICENSE").write_text("CC BY 4.0\n")
     (root / "polyps" / "notes.txt").write_text("not an image\n")
+    (root / "polyps" / ".DS_Store").write_bytes(b"\0\0")
+    (root / "__MACOSX" / "polyps").mkdir(parents=True)
+    (root / "__MACOSX" / "polyps" / "._a.jpg").write_bytes(b"\0")
+    (root / ".thumbnails").mkdir()
     return root
 
 
@@ -57,15 +61,25 @@ def manifest_tree(tmp_path: Path) -> Path:
             a = copy(MILK / cls / f"{ident}__clinical.jpg", root / "imgs" / f"{ident}_c.jpg")
             b = copy(MILK / cls / f"{ident}__dermoscopic.jpg", root / "imgs" / f"{ident}_d.jpg")
             rel_b = b.relative_to(root).as_posix() if k % 2 == 0 else ""
-            rows.append(f"{a.relative_to(root).as_posix()},{rel_b},{cls},{'patient' + str(k) if k < 2 else ''}")
+            rows.append(
+                f"{a.relative_to(root).as_posix()},{rel_b},{cls},{'patient' + str(k) if k < 2 else ''}"
+            )
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
     return root
 
 
 def _kvasir(tmp_path: Path, name: str) -> Path:
     top = tmp_path / "download" / name
-    classes = ("normal-z-line", "normal-pylorus", "normal-cecum", "esophagitis", "polyps", "ulcerative-colitis",
-               "dyed-lifted-polyps", "dyed-resection-margins")
+    classes = (
+        "normal-z-line",
+        "normal-pylorus",
+        "normal-cecum",
+        "esophagitis",
+        "polyps",
+        "ulcerative-colitis",
+        "dyed-lifted-polyps",
+        "dyed-resection-margins",
+    )
     frames = gi_images("polyps", 16) + gi_images("normal-cecum", 8)
     for c, cls in enumerate(classes):
         for k in range(3):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 MILK = SAMPLE / "milk10k-5class"

@@ -71,8 +71,9 @@ def test_real_pairs_are_loaded_not_generated(suffix_tree: Path, tmp_path: Path) 
     assert not np.array_equal(a[4], b[4])
 
 
-def test_second_call_reuses_cache_without_decoding(class_tree: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_call_reuses_cache_without_decoding(
+    class_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     images = discover(class_tree)
     first = load_arrays(images, 24, Negative(), cache_dir=tmp_path / "cache", progress=True)
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())

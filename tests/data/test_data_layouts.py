@@ -67,7 +67,9 @@ def test_suffix_pairs_auto_and_explicit_order(suffix_tree: Path) -> None:
     assert discover(suffix_tree, pair="suffix").pair_mode == "suffix:clinical,dermoscopic"
 
 
-def test_suffix_mode_ignores_third_suffix_and_plain_files(suffix_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_suffix_mode_ignores_third_suffix_and_plain_files(
+    suffix_tree: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     ident = milk_lesions("BCC", 1)[0]
     copy(MILK / "BCC" / f"{ident}__clinical.jpg", suffix_tree / "BCC" / f"{ident}__overview.jpg")
     copy(MILK / "BCC" / f"{ident}__clinical.jpg", suffix_tree / "BCC" / "loose.jpg")
@@ -115,7 +117,9 @@ def test_manifest_mode_explicit_on_folder(manifest_tree: Path) -> None:
 
 
 @pytest.mark.parametrize("fixture", ["kvasir_v1", "kvasir_v2"])
-def test_kvasir_download(fixture: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> None:
+def test_kvasir_download(
+    fixture: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
     top: Path = request.getfixturevalue(fixture)
     for root in (top, top.parent):
         with caplog.at_level(logging.INFO, logger="mics.data"):

@@ -109,8 +109,10 @@ def test_cmyk_jpeg_converted_close_to_original(tmp_path: Path) -> None:
     assert np.abs(out - np.asarray(original, dtype=int)).mean() < 8
 
 
-@pytest.mark.parametrize("orientation, method", [(6, Image.Transpose.ROTATE_270), (3, Image.Transpose.ROTATE_180),
-                                                 (8, Image.Transpose.ROTATE_90)])
+@pytest.mark.parametrize(
+    "orientation, method",
+    [(6, Image.Transpose.ROTATE_270), (3, Image.Transpose.ROTATE_180), (8, Image.Transpose.ROTATE_90)],
+)
 def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, method: Image.Transpose) -> None:
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -119,8 +121,9 @@ def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, method: I
     out = _rgb(tmp_path / "rot.jpg")
     np.testing.assert_array_equal(out, np.asarray(stored.transpose(method)))
     assert check_image(tmp_path / "rot.jpg", min_size=40) == (
-        "too small (32x48 px, need at least 40 px on each side)" if orientation in (6, 8) else
-        "too small (48x32 px, need at least 40 px on each side)"
+        "too small (32x48 px, need at least 40 px on each side)"
+        if orientation in (6, 8)
+        else "too small (48x32 px, need at least 40 px on each side)"
     )
 
 
@@ -159,15 +162,21 @@ def _broken(tmp_path: Path, kind: str) -> Path:
         path.write_text("this is a text file, not a JPEG\n")
     elif kind == "tiny":
         _real((8, 8)).save(path)
-    elif kind == "bomb":
-        path = tmp_path / "bomb.png"
-        header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # claims 10^10 pixels
+    elif kind in ("bomb", "huge"):
+        # header-only PNGs claiming 10^10 pixels (PIL refuses) or 9000^2 (PIL warns, mics refuses)
+        path = tmp_path / f"{kind}.png"
+        side = 100_000 if kind == "bomb" else 9000
+        header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
         path.write_bytes(
-            b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0")) + _chunk(b"IEND", b"")
+            b"\x89PNG\r\n\x1a\n"
+            + _chunk(b"IHDR", header)
+            + _chunk(b"IDAT", zlib.compress(b"\0"))
+            + _chunk(b"IEND", b"")
         )
     return path
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize(
     "kind, reason",
     [
@@ -175,6 +184,7 @@ def _broken(tmp_path: Path, kind: str) -> Path:
         ("truncated", "corrupt or truncated"),
         ("text", "not an image"),
         ("bomb", "too large"),
+        ("huge", "too large"),
     ],
 )
 def test_broken_files_raise_data_error_naming_the_file(tmp_path: Path, kind: str, reason: str) -> None:
@@ -198,7 +208,7 @@ def test_too_small_is_reported_by_check_not_by_load(tmp_path: Path) -> None:
     assert check_image(path, min_size=8) is None
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(min_size=0, max_size=2048))
 def test_random_bytes_never_escape_as_other_errors(data: bytes) -> None:
     _assert_data_error_or_rgb(data)
@@ -210,7 +220,7 @@ _real((24, 24)).save(PNG_BUFFER, format="PNG")
 PNG_BYTES = PNG_BUFFER.getvalue()
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from([JPEG_BYTES, PNG_BYTES]),
     st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
@@ -313,10 +323,16 @@ def test_class_too_small_after_dropping(make_tree) -> None:  # type: ignore[no-u
 
 
 def test_write_dropped_roundtrip(tmp_path: Path) -> None:
-    dropped = [Dropped(tmp_path / "a, b.jpg", "empty file (0 bytes)"), Dropped(tmp_path / "c.jpg", 'odd "quote"')]
+    dropped = [
+        Dropped(tmp_path / "a, b.jpg", "empty file (0 bytes)"),
+        Dropped(tmp_path / "c.jpg", 'odd "quote"'),
+    ]
     out = tmp_path / "report" / "dropped.csv"
     write_dropped(dropped, out)
     with open(out, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
-    assert rows == [["path", "reason"], [str(tmp_path / "a, b.jpg"), "empty file (0 bytes)"],
-                    [str(tmp_path / "c.jpg"), 'odd "quote"']]
+    assert rows == [
+        ["path", "reason"],
+        [str(tmp_path / "a, b.jpg"), "empty file (0 bytes)"],
+        [str(tmp_path / "c.jpg"), 'odd "quote"'],
+    ]

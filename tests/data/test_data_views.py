@@ -10,7 +10,9 @@ from mics.data.views import CUTOUT_FILL, MEAN, STD, cutout, strong, to_float, we
 
 
 def _batch(b: int = 6, h: int = 16, w: int = 16, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (b, 3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (b, 3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
 
 
 def _gen(seed: int) -> torch.Generator:

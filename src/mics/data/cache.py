@@ -42,9 +42,9 @@ def default_cache_dir() -> Path:
 
 def cache_key(images: ImageSet, size: int, generator_name: str) -> str:
     """Hex digest identifying the arrays of ``images`` at ``size`` with ``generator_name``."""
-    files = []
+    files: list[list[Any]] = []
     for s in images.samples:
-        entry = []
+        entry: list[Any] = []
         for p in (s.path_a, s.path_b):
             if p is None:
                 entry.append(None)
@@ -52,7 +52,9 @@ def cache_key(images: ImageSet, size: int, generator_name: str) -> str:
             try:
                 st = p.stat()
             except OSError as err:
-                raise DataError(f"{p}: cannot read the file ({err.strerror or err}); re-run validation") from None
+                raise DataError(
+                    f"{p}: cannot read the file ({err.strerror or err}); re-run validation"
+                ) from None
             entry.append([images.relpath(p), st.st_size, st.st_mtime_ns])
         files.append(entry)
     record: dict[str, Any] = {
@@ -126,7 +128,9 @@ def _build_files(
         for m, target in paths.items():
             fd, tmps[m] = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".npy")
             os.close(fd)
-        arrays = {m: np.lib.format.open_memmap(tmps[m], mode="w+", dtype=np.uint8, shape=shape) for m in paths}
+        arrays = {
+            m: np.lib.format.open_memmap(tmps[m], mode="w+", dtype=np.uint8, shape=shape) for m in paths
+        }
         _fill(images, size, generator, arrays["a"], arrays["b"], progress)
         for array in arrays.values():
             array.flush()
@@ -139,10 +143,17 @@ def _build_files(
 
 
 def _fill(
-    images: ImageSet, size: int, generator: PartnerGenerator, out_a: np.ndarray, out_b: np.ndarray, progress: bool
+    images: ImageSet,
+    size: int,
+    generator: PartnerGenerator,
+    out_a: np.ndarray,
+    out_b: np.ndarray,
+    progress: bool,
 ) -> None:
     """Write every sample into out_a / out_b [N, 3, size, size]; generated partners in chunks."""
-    jobs = [(i, m, p) for i, s in enumerate(images.samples) for m, p in (("a", s.path_a), ("b", s.path_b)) if p]
+    jobs = [
+        (i, m, p) for i, s in enumerate(images.samples) for m, p in (("a", s.path_a), ("b", s.path_b)) if p
+    ]
     targets = {"a": out_a, "b": out_b}
     workers = max(1, min(8, os.cpu_count() or 1))
     with (
@@ -151,7 +162,9 @@ def _fill(
     ):
         for start in range(0, len(jobs), DECODE_CHUNK):
             chunk = jobs[start : start + DECODE_CHUNK]
-            for (i, m, _), pixels in zip(chunk, pool.map(lambda job: _decode(job[2], size), chunk), strict=True):
+            for (i, m, _), pixels in zip(
+                chunk, pool.map(lambda job: _decode(job[2], size), chunk), strict=True
+            ):
                 targets[m][i] = pixels.transpose(2, 0, 1)
                 bar.update(1)
     missing = [i for i, s in enumerate(images.samples) if s.path_b is None]

@@ -165,7 +165,10 @@ def _names(folder: Path) -> set[str]:
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Sub-folders, sorted; hidden ones and the ``__MACOSX`` litter of zip files are skipped."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX"
+    )
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -285,7 +288,9 @@ def _kvasir_dir(root: Path) -> Path | None:
         return root
     found = [root / name for name in KVASIR_DIRS if name in _names(root) and (root / name).is_dir()]
     if len(found) > 1:
-        raise DataError(f"{root} holds both {found[0].name}/ and {found[1].name}/; pass one of them as the data path")
+        raise DataError(
+            f"{root} holds both {found[0].name}/ and {found[1].name}/; pass one of them as the data path"
+        )
     return found[0] if found else None
 
 
@@ -340,10 +345,14 @@ def _hyperkvasir_entries(folder: Path) -> list[tuple[str, Path, Path | None, str
                     continue
                 files = _images_in(label_dir)
                 if not files:
-                    raise DataError(f"HyperKvasir label folder {label_dir} has no images; re-extract the download")
+                    raise DataError(
+                        f"HyperKvasir label folder {label_dir} has no images; re-extract the download"
+                    )
                 entries += [(cls, p, None, f"{cls}/{p.stem}") for p in files]
     if skipped:
-        log.info("HyperKvasir: leaving out labels outside the six classes: %s", ", ".join(sorted(set(skipped))))
+        log.info(
+            "HyperKvasir: leaving out labels outside the six classes: %s", ", ".join(sorted(set(skipped)))
+        )
     if not entries:
         raise DataError(
             f"no usable HyperKvasir images in {folder}; expected "
@@ -412,8 +421,8 @@ def _load_folders(root: Path) -> ImageSet:
         pair = by_class[cls]
         for tag in ("wli", "nbi"):
             if tag not in pair:
-                other = pair["nbi" if tag == "wli" else "wli"]
-                raise DataError(f"{other} has no matching {cls}_{tag.upper()} folder; add it")
+                present = pair["nbi" if tag == "wli" else "wli"]
+                raise DataError(f"{present} has no matching {cls}_{tag.upper()} folder; add it")
         stems = {tag: _stems(pair[tag]) for tag in ("wli", "nbi")}
         for tag, other in (("wli", "nbi"), ("nbi", "wli")):
             for stem, path in stems[tag].items():
@@ -422,9 +431,7 @@ def _load_folders(root: Path) -> ImageSet:
                         f"missing partner: {path} has no file named {stem}.<ext> in {pair[other]}; "
                         "add it or remove the file"
                     )
-        entries += [
-            (cls, stems["wli"][s], stems["nbi"][s], f"{cls}/{s}") for s in sorted(stems["wli"])
-        ]
+        entries += [(cls, stems["wli"][s], stems["nbi"][s], f"{cls}/{s}") for s in sorted(stems["wli"])]
     return _build(root, entries, "folders", ("WLI", "NBI"))
 
 
@@ -446,7 +453,9 @@ def _load_manifest(csv_path: Path) -> ImageSet:
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(f"manifest {csv_path} is not UTF-8 text ({err.reason}); save it as UTF-8 CSV") from None
+        raise DataError(
+            f"manifest {csv_path} is not UTF-8 text ({err.reason}); save it as UTF-8 CSV"
+        ) from None
     except OSError as err:
         raise DataError(f"cannot read manifest {csv_path}: {err.strerror or err}") from None
     if "\x00" in text:
@@ -484,7 +493,8 @@ def _load_manifest(csv_path: Path) -> ImageSet:
             raise DataError(f"{where}: empty label; every row needs a class name")
         if declared is not None and label not in declared:
             raise DataError(
-                f"{where}: unknown label {label!r}; {base / CLASSES_NAME} allows {', '.join(sorted(declared))}"
+                f"{where}: unknown label {label!r}; {base / CLASSES_NAME} allows "
+                f"{', '.join(sorted(declared))}"
             )
         raw_a = cell("image_a")
         if not raw_a:

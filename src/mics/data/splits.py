@@ -192,7 +192,10 @@ def load_split(path: Path, images: ImageSet) -> Split:
     if len(fractions) != 3:
         raise DataError(f"split file {path} has {len(fractions)} fractions instead of 3; {stale}")
     return Split(
-        train=out["train"], val=out["val"], test=out["test"], seed=seed,
+        train=out["train"],
+        val=out["val"],
+        test=out["test"],
+        seed=seed,
         fractions=(fractions[0], fractions[1], fractions[2]),
     )
 

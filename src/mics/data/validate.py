@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -87,26 +86,45 @@ def _decode(path: Path, draft_size: int | None) -> tuple[Image.Image, tuple[int,
         raise _BadImage(f"cannot read the file ({err.strerror or err})") from None
     if size == 0:
         raise _BadImage("empty file (0 bytes)")
+    too_large = f"image too large (more than {MAX_PIXELS} pixels)"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=FORMATS) as image:
-                full_size = _oriented_size(image)
-                if draft_size is not None and image.format in ("JPEG", "MPO"):
-                    image.draft("RGB", (draft_size, draft_size))
-                image.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(image))
+        # (no warnings.catch_warnings here: it is not thread-safe, and validate() decodes on threads)
+        with Image.open(path, formats=FORMATS) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise _BadImage(too_large)
+            full_size = _oriented_size(image)
+            if draft_size is not None and image.format in ("JPEG", "MPO"):
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+            rgb = _to_rgb(_upright(image))
     except UnidentifiedImageError:
         raise _BadImage("not an image, or a format other than JPEG/PNG/BMP/TIFF/WebP") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _BadImage(f"image too large (more than {MAX_PIXELS} pixels)") from None
+    except Image.DecompressionBombError:
+        raise _BadImage(too_large) from None
     except MemoryError:
         raise _BadImage("image too large to decode in memory") from None
     except _BadImage:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError, ZeroDivisionError) as err:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        IndexError,
+        TypeError,
+        KeyError,
+        ZeroDivisionError,
+    ) as err:
         raise _BadImage(f"corrupt or truncated image data ({type(err).__name__}: {err})") from None
     return rgb, full_size
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a broken EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # any failure inside the EXIF parser only loses the orientation
+        return image
 
 
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
@@ -187,8 +205,13 @@ def validate(
     files when ``skip_bad`` is False, and when a class is left with fewer than ``min_per_class`` samples.
     """
     files = [p for s in images.samples for p in (s.path_a, s.path_b) if p is not None]
-    reasons = dict(zip(files, _parallel_map(lambda p: check_image(p, min_size), files, "checking images", progress),
-                       strict=True))
+    reasons = dict(
+        zip(
+            files,
+            _parallel_map(lambda p: check_image(p, min_size), files, "checking images", progress),
+            strict=True,
+        )
+    )
     bad = [(p, r) for p, r in reasons.items() if r is not None]
     if bad and not skip_bad:
         shown = "\n".join(f"  {p}: {r}" for p, r in bad[:SHOW_BAD])

@@ -71,7 +71,10 @@ def weak(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 
 def cutout(x: Tensor, generator: torch.Generator | None = None, fraction: float = CUTOUT_FRACTION) -> Tensor:
-    """Grey out one square of side ``fraction * min(H, W)`` per image, centred uniformly (clipped at borders)."""
+    """Grey out one square of side ``fraction * min(H, W)`` per image: uint8 [B,3,H,W] -> same.
+
+    The centre is uniform over the image, so the square may be clipped at the borders (FixMatch's Cutout).
+    """
     _check_images(x)
     b, _, h, w = x.shape
     half = fraction * min(h, w) / 2

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -15,7 +15,13 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    """This process' rank; before the process group exists, torchrun's ``RANK`` (so that work done before
+    :func:`init_from_env`, such as writing a run folder's files, is already rank 0's alone)."""
+    if is_distributed():
+        return dist.get_rank()
+    if dist.is_available() and dist.is_initialized():
+        return 0
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 def world_size() -> int:
@@ -54,6 +60,24 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / world_size()
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks (a copy); identity in one process."""
+    if not is_distributed():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """``obj`` of every rank, in rank order (pickled: for small values only); ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` [B, ...] from every rank in rank order (no gradient)."""
     if not is_distributed():
@@ -87,4 +111,4 @@ def shard(indices: torch.Tensor) -> torch.Tensor:
     if n == 1:
         return indices
     per = len(indices) // n
-    return indices[rank() * per:(rank() + 1) * per]
+    return indices[rank() * per : (rank() + 1) * per]

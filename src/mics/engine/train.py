@@ -104,7 +104,9 @@ def cosine_lr(step: int, schedule: Schedule) -> float:
     return schedule.min_lr + 0.5 * (schedule.lr - schedule.min_lr) * (1 + math.cos(math.pi * t))
 
 
-def build_optimizer(module: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    module: nn.Module, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW without weight decay on biases, norms, tokens and position embeddings (1-D or named so)."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
@@ -119,6 +121,24 @@ def build_optimizer(module: nn.Module, lr: float, weight_decay: float, device: t
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
+def compile_blocks(module: nn.Module) -> int:
+    """``torch.compile`` every repeated block of ``module`` in place (each element of an ``nn.ModuleList``:
+    the transformer blocks of the encoders, decoder and fusion encoder, where nearly all FLOPs are).
+
+    Compiling the blocks rather than the whole method keeps the Python side effects of a step (momentum
+    updates, queues, a baseline's state) out of the graph, and identical blocks share one compiled graph,
+    so compilation takes seconds instead of minutes. Parameter names, and so checkpoints, are unchanged.
+    Returns the number of blocks compiled.
+    """
+    count = 0
+    for sub in module.modules():
+        if isinstance(sub, nn.ModuleList):
+            for block in sub:
+                block.compile()
+                count += 1
+    return count
+
+
 class EMAModel:
     """Exponential moving average of a module's parameters and buffers, used for evaluation."""
 
@@ -131,9 +151,10 @@ class EMAModel:
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
+    def update(self, module: nn.Module, step: int, decay: float | None = None) -> None:
+        """``decay`` overrides the configured one for this step (a method may adapt it, e.g. HABIT)."""
         # the usual warm-up of the decay lets early evaluations reflect training instead of the random init
-        d = min(self.decay, (1 + step) / (10 + step))
+        d = min(self.decay if decay is None else decay, (1 + step) / (10 + step))
         ema_p = [p for p in self.module.parameters()]
         src_p = [p.detach() for p in module.parameters()]
         torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
@@ -152,6 +173,36 @@ class FitResult:
     best_score: float | None
     best_epoch: int | None
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+CHECK_EVERY = 10  # steps between reads of the non-finite-loss flag (each read waits for the accelerator)
+
+
+def _raise_if_non_finite(first_bad: torch.Tensor, stage: str, schedule: Schedule) -> None:
+    """Raise :class:`NonFiniteLossError` if any rank saw a non-finite loss (all ranks raise together)."""
+    bad = int(dist.all_reduce_max(first_bad))
+    if bad >= 0:
+        epoch, step = divmod(bad, schedule.steps_per_epoch)
+        raise NonFiniteLossError(
+            f"[{stage}] the loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}; "
+            "the last good checkpoint is kept. Lower the learning rate or check the input images."
+        )
+
+
+def _epoch_means(sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+    """Mean of each logged value over the epoch's steps and over the ranks: one all-reduce for all keys
+    (sorted, so that every rank reduces them in the same order)."""
+    keys = sorted(sums)
+    if dist.is_distributed():
+        seen = dist.all_gather_object(keys)
+        if any(k != keys for k in seen):
+            raise RuntimeError(
+                f"ranks logged different values this epoch: {seen}; every rank must log the same keys"
+            )
+    if not keys:
+        return {}
+    means = dist.all_reduce_mean(torch.stack([sums[k].reshape(()) for k in keys]) / max(n, 1))
+    return dict(zip(keys, means.tolist(), strict=True))
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -173,6 +224,8 @@ def fit(
     precision: str = "fp32",
     resume: bool = False,
     extra: Any = None,
+    compile: bool = False,
+    compile_devices: tuple[str, ...] = ("cuda",),
 ) -> FitResult:
     """Train ``method`` for ``schedule``; returns the best validation score (``evaluate`` must return
     ``{"score": ...}``, higher is better) and restores the selected weights into ``method`` (the EMA
@@ -180,14 +233,29 @@ def fit(
 
     ``extra`` is any object with ``state_dict()`` / ``load_state_dict()`` checkpointed with the model.
     Checkpoints: ``<ckpt_dir>/last`` each epoch (for ``resume``) and ``<ckpt_dir>/best`` on a new best.
+    ``compile``: ``torch.compile`` the method's transformer blocks (:func:`compile_blocks`) when the device
+    type is in ``compile_devices`` (CUDA only by default: on CPU the compile time rarely pays back).
+
+    Under ``torchrun`` the method is wrapped in DDP. A method whose forward leaves some trainable
+    parameters without a gradient must say so with a ``find_unused_parameters = True`` attribute.
+    Buffers are not broadcast: every buffer of the package's methods is either constant or kept identical
+    on every rank by the method itself (the feature queues all-gather), so the per-step broadcast from
+    rank 0 would only cost time.
     """
     method.to(device)
     optimizer = build_optimizer(method, schedule.lr, schedule.weight_decay, device)
     ema = EMAModel(method, schedule.ema) if schedule.ema is not None else None
+    # after the EMA copy: a deep copy of a compiled module would call the original's compiled forward
+    if compile and device.type in compile_devices:
+        info(f"[{stage}] torch.compile: {compile_blocks(method)} blocks")
     train_module: nn.Module = method
     if dist.is_distributed():
         train_module = nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None)
+            method,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=bool(getattr(method, "find_unused_parameters", False)),
+        )
     result = FitResult(best_score=None, best_epoch=None)
     start_epoch = 0
     if resume and ckpt_dir is not None and (Path(ckpt_dir) / "last.json").exists():
@@ -210,6 +278,10 @@ def fit(
         seed_all(derive_seed(seed, stage, "global", epoch, dist.rank()))
         sums: dict[str, torch.Tensor] = {}
         n = 0
+        # step of the first non-finite loss, -1 while all are finite; kept on the device and read only every
+        # CHECK_EVERY steps and before any checkpoint, because reading it waits for the accelerator
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        after = getattr(method, "after_step", None)
         for i, batch in enumerate(batches(epoch, generator)):
             step = epoch * schedule.steps_per_epoch + i
             lr = cosine_lr(step, schedule)
@@ -218,27 +290,27 @@ def fit(
             step_info = StepInfo(epoch, step, total, i / schedule.steps_per_epoch, generator)
             with autocast_context(device, precision):
                 loss, logs = train_module(batch, step_info)
-            if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteLossError(
-                    f"[{stage}] the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    "the last good checkpoint is kept. Lower the learning rate or check the input images.")
+            loss_value = loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_value), step, first_bad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            after = getattr(method, "after_step", None)
             if after is not None:
                 after(step_info)
             if ema is not None:
-                ema.update(method, step)
+                adapt = getattr(method, "ema_decay", None)
+                ema.update(method, step, adapt(ema.decay, ema.module) if adapt is not None else None)
             # summed as tensors: a float() per step would wait for the accelerator every step
-            for k, v in {"loss": loss.detach(), **logs}.items():
+            for k, v in {"loss": loss_value, **logs}.items():
                 v = torch.as_tensor(v, device=device).detach().float()
                 sums[k] = sums[k] + v if k in sums else v
             n += 1
             bar.update(1)
-            if i % 10 == 0:
+            if i % CHECK_EVERY == 0:
+                _raise_if_non_finite(first_bad, stage, schedule)
                 bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}", epoch=epoch + 1, refresh=False)
-        epoch_logs = {k: float(dist.all_reduce_mean(v / max(n, 1))) for k, v in sums.items()}
+        _raise_if_non_finite(first_bad, stage, schedule)
+        epoch_logs = _epoch_means(sums, n)
         epoch_logs["lr"] = lr if n else 0.0
         record: dict[str, float] = {"epoch": epoch + 1, **epoch_logs}
         if evaluate is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == schedule.epochs):
@@ -248,8 +320,11 @@ def fit(
                 result.best_score, result.best_epoch = scored["score"], epoch + 1
                 if ckpt_dir is not None and dist.is_main():
                     weights = ema.module if ema is not None else method
-                    save_checkpoint(Path(ckpt_dir) / "best", {"model": weights.state_dict()},
-                                    info={"epoch": epoch + 1, "score": scored["score"]})
+                    save_checkpoint(
+                        Path(ckpt_dir) / "best",
+                        {"model": weights.state_dict()},
+                        info={"epoch": epoch + 1, "score": scored["score"]},
+                    )
         result.history.append(record)
         logger.log(stage, (epoch + 1) * schedule.steps_per_epoch, record)
         if ckpt_dir is not None and dist.is_main():
@@ -258,9 +333,17 @@ def fit(
                 state["ema"] = ema.module.state_dict()
             if extra is not None:
                 state["extra"] = extra.state_dict()
-            save_checkpoint(Path(ckpt_dir) / "last", state,
-                            info={"epoch": epoch, "best_score": result.best_score, "best_epoch": result.best_epoch,
-                                  "history": result.history, "stage": stage})
+            save_checkpoint(
+                Path(ckpt_dir) / "last",
+                state,
+                info={
+                    "epoch": epoch,
+                    "best_score": result.best_score,
+                    "best_epoch": result.best_epoch,
+                    "history": result.history,
+                    "stage": stage,
+                },
+            )
         dist.barrier()
     bar.close()
     if evaluate is not None and ckpt_dir is not None and (Path(ckpt_dir) / "best.json").exists():

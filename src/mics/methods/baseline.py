@@ -36,6 +36,10 @@ class SSLTraining(nn.Module):
         self.algorithm = algorithm
         self.num_classes = num_classes
 
+    def ema_decay(self, base: float, ema_module: nn.Module) -> float:
+        """The evaluated EMA's decay this step (HABIT adapts it; the others keep ``base``)."""
+        return self.algorithm.ema_decay(base, self, ema_module)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 3, H, W] -> CLS features [B, D]."""
         return self.backbone(x)[:, 0]
@@ -46,17 +50,22 @@ class SSLTraining(nn.Module):
             sup = self.algorithm.supervised_loss(self.head(self.features(x_l)), y_l)
             self.algorithm.observe_supervised(float(sup.detach()), info.step)
             return sup, {"l_sup": sup.detach()}
-        x_u_w, x_u_s = batch["x_u_w"], batch["x_u_s"]
-        x_l, y_l, x_u_w, x_u_s = self.algorithm.mix_batch(x_l, y_l, x_u_w, x_u_s, None, info.generator)
-        n_l, n_u = x_l.shape[0], x_u_w.shape[0]
-        # one pass over labelled + weak + strong views: batch norm-free ViT, so this equals three passes
-        feats = self.features(torch.cat([x_l, x_u_w, x_u_s]))
+        x_u_w, x_u_s, idx_u = batch["x_u_w"], batch["x_u_s"], batch["idx_u"]
+        algo = self.algorithm
+        # the weak view only makes targets: a forward pass without a graph costs a third of one with it
+        with torch.no_grad():
+            feats_w = self.features(x_u_w)
+            logits_w = self.head(feats_w)
+        if algo.mixes_inputs:
+            x_l, y_l, x_u_w, x_u_s = algo.mix_batch(x_l, y_l, x_u_w, x_u_s, logits_w, info.generator, idx_u=idx_u)
+        n_l = x_l.shape[0]
+        feats = self.features(torch.cat([x_l, x_u_s]))
         logits = self.head(feats)
-        logits_l, logits_w, logits_s = logits[:n_l], logits[n_l:n_l + n_u], logits[n_l + n_u:]
-        sup = self.algorithm.supervised_loss(logits_l, y_l)
-        self.algorithm.observe_supervised(float(sup.detach()), info.step)
-        out = self.algorithm.unlabelled_loss(logits_w.detach(), logits_s, batch["idx_u"], info.step, info.total_steps,
-                                             feats_w=feats[n_l:n_l + n_u].detach(), feats_s=feats[n_l + n_u:])
+        sup = algo.supervised_loss(logits[:n_l], y_l)
+        algo.observe_supervised(float(sup.detach()), info.step)
+        out = algo.unlabelled_loss(logits_w, logits[n_l:], idx_u, info.step, info.total_steps,
+                                   feats_w=feats_w, feats_s=feats[n_l:],
+                                   classifier=self.head if algo.needs_classifier else None)
         logs: dict[str, Any] = {"l_sup": sup.detach(), "l_unsup": out.loss.detach(),
                                 "mask_rate": out.mask.float().mean().detach()}
         if "y_u" in batch:  # pseudo-label accuracy on the unlabelled batch: monitoring only, never trained on

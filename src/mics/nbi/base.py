@@ -55,7 +55,12 @@ def get_generator(name: str) -> PartnerGenerator:
 
 def check_batch(images: np.ndarray) -> np.ndarray:
     """Raise unless ``images`` is a uint8 [N, H, W, 3] array; returns it unchanged."""
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[-1] != 3
+    ):
         desc = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
         raise ValueError(f"a partner generator takes uint8 [N, H, W, 3] images, got {desc}")
     return images

@@ -15,7 +15,7 @@ This module imitates that from an ordinary RGB frame (see docs/nbi.md for the fo
 4. amplify the haemoglobin contrast ``d = o540 - o415`` by ``HB_GAIN`` around the mean density;
 5. back to reflectance, stretch jointly to the 99th tissue percentile, apply a display gamma;
 6. display: R <- 540, G and B <- 415, with the processor's colour-conversion ``DISPLAY`` matrix,
-   then re-apply the sRGB gamma.
+   faded to black where the input is darker than the tissue level, then re-apply the sRGB gamma.
 
 It is a stand-in for the learned WLI->NBI translator of the paper (WtNGAN, unreleased), not a
 physical model: three broad RGB channels cannot recover narrow-band spectra.
@@ -68,7 +68,9 @@ def virtual_nbi_image(image: np.ndarray) -> np.ndarray:
     bands = np.exp(np.concatenate([mean - half_diff, mean + half_diff], axis=-1))
     top = max(float(np.percentile(_tissue(bands, linear), STRETCH_PERCENTILE)), EPS)
     stretched = np.clip(bands / top, 0.0, 1.0) ** GAMMA
-    display = np.clip(stretched @ DISPLAY.T, 0.0, 1.0)
+    # fade out below the tissue level: black borders and black frames carry no signal to stretch
+    fade = np.clip(linear.max(axis=-1, keepdims=True) / TISSUE_LEVEL, 0.0, 1.0)
+    display = np.clip(stretched @ DISPLAY.T, 0.0, 1.0) * fade
     return np.round(linear_to_srgb(display) * 255.0).astype(np.uint8)
 
 

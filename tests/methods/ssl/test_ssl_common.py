@@ -30,7 +30,9 @@ def _batch(step: int, device: str, batch: int = 6) -> dict[str, torch.Tensor]:
     logits_s = logits_w + torch.randn(batch, NUM_CLASSES, generator=gen)
     idx = torch.randperm(NUM_UNLABELLED, generator=gen)[:batch]
     feats = torch.randn(batch, FEAT_DIM, generator=gen)
-    return {k: v.to(device) for k, v in dict(logits_w=logits_w, logits_s=logits_s, idx=idx, feats=feats).items()}
+    return {
+        k: v.to(device) for k, v in dict(logits_w=logits_w, logits_s=logits_s, idx=idx, feats=feats).items()
+    }
 
 
 def _head(device: str) -> torch.nn.Linear:
@@ -90,7 +92,9 @@ def test_gradient_reaches_strong_logits_only(name: str) -> None:
     confident = 12.0 * torch.nn.functional.one_hot(torch.arange(6) % NUM_CLASSES, NUM_CLASSES).float()
     logits_w = (confident + 0.1 * b["logits_w"]).requires_grad_(True)
     logits_s = b["logits_s"].clone().requires_grad_(True)
-    out = algo.unlabelled_loss(logits_w, logits_s, b["idx"], 3, TOTAL_STEPS, b["feats"], b["feats"], classifier=head)
+    out = algo.unlabelled_loss(
+        logits_w, logits_s, b["idx"], 3, TOTAL_STEPS, b["feats"], b["feats"], classifier=head
+    )
     assert out.loss.dim() == 0 and out.loss.requires_grad
     out.loss.backward()
     assert logits_w.grad is None
@@ -136,7 +140,11 @@ def test_state_changes_with_training_so_round_trip_is_meaningful(name: str) -> N
     changed = [
         k
         for k in before
-        if (not torch.equal(before[k], after[k]) if isinstance(before[k], torch.Tensor) else before[k] != after[k])
+        if (
+            not torch.equal(before[k], after[k])
+            if isinstance(before[k], torch.Tensor)
+            else before[k] != after[k]
+        )
     ]
     assert changed
 
@@ -209,9 +217,13 @@ def test_masked_consistency_loss_matches_loop_for_hard_and_soft_targets() -> Non
     soft = torch.softmax(torch.randn(5, 4, generator=gen, dtype=torch.float64), dim=-1)
     for targets in (hard, soft):
         got = masked_consistency_loss(logits, targets, mask).item()
-        assert got == pytest.approx(_naive_masked_ce(logits.numpy(), targets.numpy(), mask.numpy()), rel=1e-10)
+        assert got == pytest.approx(
+            _naive_masked_ce(logits.numpy(), targets.numpy(), mask.numpy()), rel=1e-10
+        )
     module = MaskedConsistencyLoss()
-    assert module(logits, hard, mask).item() == pytest.approx(masked_consistency_loss(logits, hard, mask).item())
+    assert module(logits, hard, mask).item() == pytest.approx(
+        masked_consistency_loss(logits, hard, mask).item()
+    )
     with pytest.raises(ValueError, match="mask must be"):
         module(logits, hard, mask[:3])
     with pytest.raises(ValueError, match="soft targets"):
@@ -222,3 +234,80 @@ def test_last_occurrence_keeps_the_last_position_of_each_index() -> None:
     unique, positions = last_occurrence(torch.tensor([7, 2, 7, 5, 2, 7]))
     assert unique.tolist() == [2, 5, 7]
     assert positions.tolist() == [4, 3, 5]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+STATEFUL = ["flexmatch", "freematch", "softmatch", "habit", "siabc"]
+
+
+def _ddp_worker(rank: int, world: int, port: int, results: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        head = _head("cpu")
+        out = {}
+        for name in STATEFUL:
+            algo = build_algorithm(name, NUM_CLASSES, NUM_UNLABELLED, _config())
+            for step in range(3):
+                b = _batch(step, "cpu")
+                part = slice(3 * rank, 3 * rank + 3)  # each rank holds half of the global batch
+                algo.unlabelled_loss(
+                    b["logits_w"][part],
+                    b["logits_s"][part],
+                    b["idx"][part],
+                    step,
+                    TOTAL_STEPS,
+                    b["feats"][part],
+                    b["feats"][part],
+                    classifier=head,
+                )
+            out[name] = algo.state_dict()
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_running_state_under_ddp_equals_a_single_process_on_the_global_batch() -> None:
+    import torch.multiprocessing as mp
+
+    world = 2
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(world, _free_port(), results), nprocs=world, join=True)
+        out = dict(results)
+    head = _head("cpu")
+    for name in STATEFUL:
+        single = build_algorithm(name, NUM_CLASSES, NUM_UNLABELLED, _config())
+        for step in range(3):
+            b = _batch(step, "cpu")
+            single.unlabelled_loss(
+                b["logits_w"],
+                b["logits_s"],
+                b["idx"],
+                step,
+                TOTAL_STEPS,
+                b["feats"],
+                b["feats"],
+                classifier=head,
+            )
+        expected = single.state_dict()
+        for rank in range(world):
+            for key, value in expected.items():
+                got = out[rank][name][key]
+                if isinstance(value, torch.Tensor):
+                    torch.testing.assert_close(got, value, msg=f"{name}.{key} on rank {rank}")
+                else:
+                    assert got == value, (name, key)

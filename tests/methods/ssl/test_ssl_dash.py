@@ -21,7 +21,8 @@ def _dash(total_steps_period: float = 0.01, warmup: float = 4.0):
 
 
 def _rho_at(algo, step: int, total: int = 1000) -> float:
-    return algo.unlabelled_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.arange(1), step, total).logs["threshold"]
+    out = algo.unlabelled_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.arange(1), step, total)
+    return out.logs["threshold"]
 
 
 def test_warmup_returns_zero_loss_and_empty_mask() -> None:

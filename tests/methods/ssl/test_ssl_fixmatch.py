@@ -32,7 +32,9 @@ def test_mask_pseudo_labels_and_loss_on_hand_computed_batch() -> None:
 
 def test_threshold_comes_from_config() -> None:
     algo = build_algorithm("fixmatch", 3, 10, SSLConfig(threshold=0.5))
-    out = algo.unlabelled_loss(_log([[0.5, 0.3, 0.2], [0.4, 0.3, 0.3]]), torch.zeros(2, 3), torch.arange(2), 0, 1)
+    out = algo.unlabelled_loss(
+        _log([[0.5, 0.3, 0.2], [0.4, 0.3, 0.3]]), torch.zeros(2, 3), torch.arange(2), 0, 1
+    )
     assert out.mask.tolist() == [1.0, 0.0]
 
 

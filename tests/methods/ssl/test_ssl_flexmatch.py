@@ -21,7 +21,11 @@ def test_thresholds_after_a_label_history_with_warmup() -> None:
     algo = build_algorithm("flexmatch", 3, 6, SSLConfig())
     # step 1: samples 0, 1, 2 confidently predicted as classes 0, 0, 1; all thresholds start at 0
     first = algo.unlabelled_loss(
-        _log([[0.97, 0.02, 0.01], [0.96, 0.03, 0.01], [0.02, 0.97, 0.01]]), torch.zeros(3, 3), torch.arange(3), 0, 10
+        _log([[0.97, 0.02, 0.01], [0.96, 0.03, 0.01], [0.02, 0.97, 0.01]]),
+        torch.zeros(3, 3),
+        torch.arange(3),
+        0,
+        10,
     )
     assert first.mask.tolist() == [1.0, 1.0, 1.0]
     assert algo.selected_label.tolist() == [0, 0, 1, -1, -1, -1]
@@ -31,7 +35,11 @@ def test_thresholds_after_a_label_history_with_warmup() -> None:
 
     # step 2: thresholds (0.475, 0.19, 0): 0.6 -> in, 0.45 -> out, 0.4 (class 2) -> in
     second = algo.unlabelled_loss(
-        _log([[0.6, 0.3, 0.1], [0.45, 0.3, 0.25], [0.3, 0.3, 0.4]]), torch.zeros(3, 3), torch.tensor([3, 4, 5]), 1, 10
+        _log([[0.6, 0.3, 0.1], [0.45, 0.3, 0.25], [0.3, 0.3, 0.4]]),
+        torch.zeros(3, 3),
+        torch.tensor([3, 4, 5]),
+        1,
+        10,
     )
     assert second.mask.tolist() == [1.0, 0.0, 1.0]
     assert algo.selected_label.tolist() == [0, 0, 1, -1, -1, -1]
@@ -68,7 +76,7 @@ def _reference_flexmatch(batches, num_classes: int, num_unlabelled: int, tau: fl
     masks = []
     for probs, idx in batches:
         mask = []
-        for row, i in zip(probs, idx, strict=True):
+        for row in probs:
             c = int(np.argmax(row))
             mask.append(float(row[c] >= tau * acc[c] / (2 - acc[c])))
         for row, i in zip(probs, idx, strict=True):
@@ -91,7 +99,9 @@ def test_matches_counter_reference_over_a_random_run(warmup: bool) -> None:
         probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         batches.append((probs, rng.choice(15, size=5, replace=False)))
     masks, selected, acc = _reference_flexmatch(batches, 4, 15, 0.8, warmup)
-    algo = build_algorithm("flexmatch", 4, 15, SSLConfig(threshold=0.8, params={"thresh_warmup": float(warmup)}))
+    algo = build_algorithm(
+        "flexmatch", 4, 15, SSLConfig(threshold=0.8, params={"thresh_warmup": float(warmup)})
+    )
     for (probs, idx), expected in zip(batches, masks, strict=True):
         logits = torch.tensor(np.log(probs), dtype=torch.float64).float()
         out = algo.unlabelled_loss(logits, torch.zeros_like(logits), torch.tensor(idx), 0, 1)

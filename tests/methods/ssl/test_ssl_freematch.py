@@ -47,7 +47,9 @@ def test_fairness_term_on_hand_computed_examples() -> None:
     assert value.item() == pytest.approx(0.6 * math.log(0.55) + 0.4 * math.log(0.45), rel=1e-5)
     assert value.item() < 0
     # both predicted as class 0: class 1 gets weight 1/0 := 0, so its log-term is log(1e-12)
-    one_class = fairness_loss(_log([[0.8, 0.2], [0.6, 0.4]]), torch.ones(2), torch.ones(2) / 2, torch.ones(2) / 2)
+    one_class = fairness_loss(
+        _log([[0.8, 0.2], [0.6, 0.4]]), torch.ones(2), torch.ones(2) / 2, torch.ones(2) / 2
+    )
     assert one_class.item() == pytest.approx(0.5 * math.log(1e-12), rel=1e-5)
     nothing = fairness_loss(logits.requires_grad_(True), torch.zeros(2), torch.ones(2) / 2, torch.ones(2) / 2)
     assert nothing.item() == 0.0 and nothing.requires_grad

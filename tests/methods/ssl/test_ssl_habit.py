@@ -84,7 +84,9 @@ def test_rfc_trains_the_classifier_on_confident_pseudo_labelled_features() -> No
     head = torch.nn.Linear(3, 2)
     logits_w = _log([[0.99, 0.01], [0.98, 0.02], [0.4, 0.6]])
     feats = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    out = algo.unlabelled_loss(logits_w, torch.zeros(3, 2), torch.arange(3), 7, 10, feats, feats, classifier=head)
+    out = algo.unlabelled_loss(
+        logits_w, torch.zeros(3, 2), torch.arange(3), 7, 10, feats, feats, classifier=head
+    )
     assert out.mask.tolist() == [1.0, 1.0, 0.0]
     # two confident class-0 samples -> one synthetic feature of class 0; recompute it from the same seed
     gen = torch.Generator().manual_seed(7)
@@ -93,7 +95,9 @@ def test_rfc_trains_the_classifier_on_confident_pseudo_labelled_features() -> No
     assert out.logs["rfc_loss"] == pytest.approx(expected_rfc, rel=1e-5)
     out.loss.backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
-    again = algo.unlabelled_loss(logits_w, torch.zeros(3, 2), torch.arange(3), 7, 10, feats, feats, classifier=head)
+    again = algo.unlabelled_loss(
+        logits_w, torch.zeros(3, 2), torch.arange(3), 7, 10, feats, feats, classifier=head
+    )
     assert again.logs["rfc_loss"] == out.logs["rfc_loss"]
     with pytest.raises(ValueError, match="classifier"):
         algo.unlabelled_loss(logits_w, torch.zeros(3, 2), torch.arange(3), 0, 10, feats, feats)

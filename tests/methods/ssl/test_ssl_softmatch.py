@@ -18,14 +18,18 @@ def _log(rows: list[list[float]]) -> torch.Tensor:
 
 
 def test_weights_formula_on_hand_computed_values() -> None:
-    weights = truncated_gaussian_weights(torch.tensor([0.2, 0.5, 0.9]), torch.tensor(0.6), torch.tensor(0.04), 2.0)
+    weights = truncated_gaussian_weights(
+        torch.tensor([0.2, 0.5, 0.9]), torch.tensor(0.6), torch.tensor(0.04), 2.0
+    )
     # 2 var / n^2 = 0.02: exp(-0.16 / 0.02), exp(-0.01 / 0.02), 1
     assert weights.tolist() == pytest.approx([math.exp(-8.0), math.exp(-0.5), 1.0], rel=1e-5)
 
 
 def test_statistics_and_weights_after_one_update_without_alignment() -> None:
     algo = build_algorithm("softmatch", 2, 10, SSLConfig(params={"ema_p": 0.5, "dist_align": 0.0}))
-    out = algo.unlabelled_loss(_log([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]), torch.zeros(3, 2), torch.arange(3), 0, 1)
+    out = algo.unlabelled_loss(
+        _log([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]), torch.zeros(3, 2), torch.arange(3), 0, 1
+    )
     # max p = (0.9, 0.6, 0.7): mean 0.73333, unbiased var 0.023333; mu = 0.5 / 2 + 0.5 * 0.73333
     assert algo.mu.item() == pytest.approx(0.6166667, abs=1e-6)
     assert algo.var.item() == pytest.approx(0.5116667, abs=1e-6)
@@ -50,7 +54,7 @@ def test_uniform_alignment_sets_weights_but_not_pseudo_labels() -> None:
     var = 0.5 * 1.0 + 0.5 * mx.var(ddof=1)
     assert algo.p_model.tolist() == pytest.approx(p_model.tolist(), abs=1e-6)
     assert algo.mu.item() == pytest.approx(mu, abs=1e-6) and algo.var.item() == pytest.approx(var, abs=1e-6)
-    expected = [math.exp(-min(m - mu, 0.0) ** 2 / (2 * var / 4)) for m in mx]
+    expected = [math.exp(-(min(m - mu, 0.0) ** 2) / (2 * var / 4)) for m in mx]
     assert out.mask.tolist() == pytest.approx(expected, abs=1e-6)
     # aligned, the last row prefers class 1; its pseudo-label stays the unaligned argmax 0 (USB)
     assert q[3].argmax() == 1 and out.pseudo_labels.tolist() == [0, 0, 1, 0]

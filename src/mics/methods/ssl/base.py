@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -113,6 +114,26 @@ def last_occurrence(idx: Tensor) -> tuple[Tensor, Tensor]:
     last = torch.full((unique.shape[0],), -1, dtype=torch.long, device=idx.device)
     last = last.scatter_reduce(0, inverse, positions, reduce="amax")
     return unique, last
+
+
+def gather_across_ranks(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` along dim 0 over all DDP processes (USB's ``concat_all_gather``) so every
+    process updates its running state from the same global batch; the identity outside a multi-process
+    ``torch.distributed`` run. Batches of different sizes are padded for the exchange and trimmed again.
+    No gradient flows through the result.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    world = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(s) for s in sizes))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor.detach()
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)])
 
 
 def zero_loss(logits_s: Tensor) -> Tensor:

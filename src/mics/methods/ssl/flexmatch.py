@@ -16,6 +16,7 @@ from mics.methods.ssl.base import (
     Classifier,
     SSLAlgorithm,
     UnlabelledOutput,
+    gather_across_ranks,
     hard_labels,
     last_occurrence,
     masked_consistency_loss,
@@ -87,7 +88,9 @@ class FlexMatch(SSLAlgorithm):
         max_probs, max_idx = probs.max(dim=-1)
         thresholds = self.class_thresholds()
         mask = (max_probs >= thresholds[max_idx]).float()
-        self._record_confident(idx.long(), max_idx, max_probs >= self.cfg.threshold)
+        idx = idx.to(device=logits_w.device, dtype=torch.long)
+        all_probs, all_idx = gather_across_ranks(max_probs), gather_across_ranks(idx)
+        self._record_confident(all_idx, gather_across_ranks(max_idx), all_probs >= self.cfg.threshold)
         beta, update = learning_status(self.selected_label, self.num_classes, self.flag("thresh_warmup"))
         self.classwise_acc = torch.where(update, beta, self.classwise_acc)
 

@@ -17,6 +17,7 @@ from mics.methods.ssl.base import (
     Classifier,
     SSLAlgorithm,
     UnlabelledOutput,
+    gather_across_ranks,
     hard_labels,
     masked_consistency_loss,
     pseudo_targets,
@@ -134,7 +135,7 @@ class FreeMatch(SSLAlgorithm):
         logits_s = logits_s.float()
         probs = torch.softmax(logits_w, dim=-1)
         self.tau, self.p_tilde, self.label_hist = update_self_adaptive(
-            self.tau, self.p_tilde, self.label_hist, probs, self.param("ema_p")
+            self.tau, self.p_tilde, self.label_hist, gather_across_ranks(probs), self.param("ema_p")
         )
         mask, thresholds = self_adaptive_mask(probs, self.tau, self.p_tilde)
         targets = pseudo_targets(logits_w, self.flag("hard_label"), self.cfg.temperature)

@@ -30,9 +30,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mics.config import SSLConfig
-from mics.methods.ssl.base import Classifier, SSLAlgorithm, UnlabelledOutput, masked_consistency_loss
+from mics.methods.ssl.base import (
+    Classifier,
+    SSLAlgorithm,
+    UnlabelledOutput,
+    gather_across_ranks,
+    masked_consistency_loss,
+)
 
-_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def queue_alignment(probs_w: Tensor, queue_mean: Tensor) -> Tensor:
@@ -160,7 +166,7 @@ class HABIT(SSLAlgorithm):
 
     def align(self, probs: Tensor) -> Tensor:
         """Push this batch's mean prediction into the queue, then align ``probs`` [B, C] with the queue."""
-        self.prob_queue[self.queue_next] = probs.mean(dim=0)
+        self.prob_queue[self.queue_next] = gather_across_ranks(probs).mean(dim=0)
         self.queue_next = (self.queue_next + 1) % self.prob_queue.shape[0]
         self.queue_filled = min(self.queue_filled + 1, self.prob_queue.shape[0])
         return queue_alignment(probs, self.prob_queue[: self.queue_filled].mean(dim=0))
@@ -177,11 +183,7 @@ class HABIT(SSLAlgorithm):
         classifier: Classifier | None = None,
     ) -> UnlabelledOutput:
         self._check_logits(logits_w, logits_s, idx)
-        use_rfc = self.flag("rfc")
-        if use_rfc and (feats_w is None or classifier is None):
-            raise ValueError("habit: RFC needs feats_w and classifier= (or set params rfc=0)")
-        if use_rfc and (feats_w.dim() != 2 or feats_w.shape[0] != logits_w.shape[0]):
-            raise ValueError(f"habit: feats_w must be [B={logits_w.shape[0]}, D], got {tuple(feats_w.shape)}")
+        rfc_inputs = self._rfc_inputs(feats_w, classifier, logits_w.shape[0]) if self.flag("rfc") else None
         self._to_device(logits_w.device)
         logits_w = logits_w.detach().float()
         logits_s = logits_s.float()
@@ -202,12 +204,23 @@ class HABIT(SSLAlgorithm):
             "unsup_loss": float(consistency.detach()),
             "recalibration_loss": float(recalibration.detach()),
         }
-        if use_rfc:
-            rfc = self._compensation_loss(feats_w.detach().float(), labels, mask, classifier, step)
+        if rfc_inputs is not None:
+            rfc = self._compensation_loss(rfc_inputs[0].detach().float(), labels, mask, rfc_inputs[1], step)
             loss = loss + self.param("rfc_weight") * rfc
             logs["rfc_loss"] = float(rfc.detach())
-        self.last_consistency = float(F.cross_entropy(logits_s.detach(), labels))
+        per_sample = F.cross_entropy(logits_s.detach(), labels, reduction="none")
+        self.last_consistency = float(gather_across_ranks(per_sample).mean())
         return UnlabelledOutput(loss=self.lambda_u * loss, mask=mask, pseudo_labels=labels, logs=logs)
+
+    @staticmethod
+    def _rfc_inputs(
+        feats_w: Tensor | None, classifier: Classifier | None, batch: int
+    ) -> tuple[Tensor, Classifier]:
+        if feats_w is None or classifier is None:
+            raise ValueError("habit: RFC needs feats_w and classifier= (or set params rfc=0)")
+        if feats_w.dim() != 2 or feats_w.shape[0] != batch:
+            raise ValueError(f"habit: feats_w must be [B={batch}, D], got {tuple(feats_w.shape)}")
+        return feats_w, classifier
 
     def _compensation_loss(
         self, feats_w: Tensor, labels: Tensor, mask: Tensor, classifier: Classifier, step: int

@@ -37,6 +37,7 @@ from mics.methods.ssl.base import (
     Classifier,
     SSLAlgorithm,
     UnlabelledOutput,
+    gather_across_ranks,
     last_occurrence,
     masked_consistency_loss,
     soft_cross_entropy,
@@ -199,9 +200,9 @@ class SIABC(SSLAlgorithm):
         """Super augmentation of the easy strong views, then B_l cross-set mixtures appended to the
         labelled batch (see the class docstring for the layout). ``generator`` drives every random draw
         (the global RNG when None)."""
-        self._check_mix_inputs(x_l, y_l, x_u_w, x_u_s, logits_u_w, idx_u)
+        logits_u_w, idx_u = self._check_mix_inputs(x_l, y_l, x_u_w, x_u_s, logits_u_w, idx_u)
         if self.flag("sab"):
-            easy = self.easy_samples(idx_u.long()).to(x_u_s.device)
+            easy = self.easy_samples(idx_u.to(device=x_u_s.device, dtype=torch.long))
             augmented = super_augment(
                 x_u_s, self.param("sab_mask_prob"), self.param("sab_noise_std"), generator
             )
@@ -225,7 +226,7 @@ class SIABC(SSLAlgorithm):
         x_u_s: Tensor,
         logits_u_w: Tensor | None,
         idx_u: Tensor | None,
-    ) -> None:
+    ) -> tuple[Tensor, Tensor]:
         if logits_u_w is None or idx_u is None:
             raise ValueError("siabc: mix_batch needs logits_u_w (weak-view logits) and idx_u (indices)")
         shapes = f"{tuple(x_l.shape)}, {tuple(x_u_w.shape)}, {tuple(x_u_s.shape)}"
@@ -240,6 +241,7 @@ class SIABC(SSLAlgorithm):
                 f"got {tuple(logits_u_w.shape)} and {tuple(idx_u.shape)}"
             )
         self._check_index_range(idx_u)
+        return logits_u_w, idx_u
 
     def unlabelled_loss(
         self,
@@ -259,14 +261,15 @@ class SIABC(SSLAlgorithm):
         logits_s = logits_s.float()
         probs = torch.softmax(logits_w / self.param("T"), dim=-1)
         self.tau, self.p_tilde, self.label_hist = update_self_adaptive(
-            self.tau, self.p_tilde, self.label_hist, probs, self.param("ema_p")
+            self.tau, self.p_tilde, self.label_hist, gather_across_ranks(probs), self.param("ema_p")
         )
         mask, thresholds = self_adaptive_mask(probs, self.tau, self.p_tilde)
         labels = probs.argmax(dim=-1)
         per_sample = soft_cross_entropy(logits_s, labels)
         consistency = masked_consistency_loss(logits_s, labels, mask)
         fairness = fairness_loss(logits_s, mask, self.p_tilde, self.label_hist)
-        self._record_losses(idx.long(), per_sample.detach())
+        idx = idx.to(device=logits_w.device, dtype=torch.long)
+        self._record_losses(gather_across_ranks(idx), gather_across_ranks(per_sample.detach()))
         return UnlabelledOutput(
             loss=self.lambda_u * consistency + self.param("lambda_f") * fairness,
             mask=mask,

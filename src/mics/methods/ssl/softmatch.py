@@ -17,6 +17,7 @@ from mics.methods.ssl.base import (
     Classifier,
     SSLAlgorithm,
     UnlabelledOutput,
+    gather_across_ranks,
     hard_labels,
     masked_consistency_loss,
     pseudo_targets,
@@ -87,15 +88,18 @@ class SoftMatch(SSLAlgorithm):
         momentum = self.param("ema_p")
         logits_w = logits_w.detach().float()
         probs = torch.softmax(logits_w, dim=-1)
+        all_probs = gather_across_ranks(probs)
         if self.flag("dist_align"):
-            batch_mean = probs.mean(dim=0)
+            batch_mean = all_probs.mean(dim=0)
             self.p_model = ema(self.p_model, batch_mean, momentum) if self.p_model_ready else batch_mean
             self.p_model_ready = 1
             probs = uniform_alignment(probs, self.p_model)
+            all_probs = uniform_alignment(all_probs, self.p_model)
+        all_max = all_probs.max(dim=-1).values
+        self.mu = ema(self.mu, all_max.mean(), momentum)
+        if all_max.shape[0] > 1:
+            self.var = ema(self.var, all_max.var(unbiased=True), momentum)
         max_probs = probs.max(dim=-1).values
-        self.mu = ema(self.mu, max_probs.mean(), momentum)
-        if max_probs.shape[0] > 1:
-            self.var = ema(self.var, max_probs.var(unbiased=True), momentum)
         weights = truncated_gaussian_weights(max_probs, self.mu, self.var, self.param("n_sigma"))
 
         targets = pseudo_targets(logits_w, self.flag("hard_label"), self.cfg.temperature)
