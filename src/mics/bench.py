@@ -56,7 +56,8 @@ from typing import Any
 
 import yaml
 
-from mics.config import PRESETS, ConfigError, RunConfig, apply_overrides, preset as preset_config, to_dict
+from mics.config import PRESETS, ConfigError, RunConfig, apply_overrides, to_dict
+from mics.config import preset as preset_config
 
 MICS = "mics"
 # the same names as mics.pipeline.BASELINE_METHODS / WAYS, repeated so that the bench process need not
@@ -65,8 +66,22 @@ BASELINES = ("supervised", "fixmatch", "flexmatch", "dash", "freematch", "softma
 WAYS = ("standard", "multimodal")
 METRICS = ("top1", "balanced_accuracy", "macro_f1")
 METRIC_TITLES = {"top1": "Top-1 accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1"}
-CSV_COLUMNS = ("dataset", "method", "way", "labels", "seed", "top1", "balanced_accuracy", "macro_f1", "wall_s",
-               "preset", "git_commit", "cell", "algorithm", "pretrained_from")
+CSV_COLUMNS = (
+    "dataset",
+    "method",
+    "way",
+    "labels",
+    "seed",
+    "top1",
+    "balanced_accuracy",
+    "macro_f1",
+    "wall_s",
+    "preset",
+    "git_commit",
+    "cell",
+    "algorithm",
+    "pretrained_from",
+)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -149,16 +164,34 @@ class Cell:
     def config(self) -> RunConfig:
         return apply_overrides(preset_config(self.preset), list(self.overrides))
 
-    def command(self, run_dir: Path, *, resume: bool = False, pretrained: Path | None = None,
-                python: str | None = None) -> list[str]:
+    def command(
+        self,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        pretrained: Path | None = None,
+        python: str | None = None,
+    ) -> list[str]:
         """The ``python -m mics run|baseline`` command line of this cell."""
         cmd = [python or sys.executable, "-m", "mics", "--debug"]
         if self.method == MICS:
             cmd += ["run"]
         else:
             cmd += ["baseline", "--method", self.method, "--way", self.way or "standard"]
-        cmd += ["--data", self.data, "--out", str(run_dir), "--pair", self.pair, "--preset", self.preset,
-                "--labels", f"{self.labels:g}", "--seed", str(self.seed)]
+        cmd += [
+            "--data",
+            self.data,
+            "--out",
+            str(run_dir),
+            "--pair",
+            self.pair,
+            "--preset",
+            self.preset,
+            "--labels",
+            f"{self.labels:g}",
+            "--seed",
+            str(self.seed),
+        ]
         for item in self.overrides:
             cmd += ["--set", item]
         if self.skip_bad:
@@ -206,15 +239,19 @@ def _overrides(value: Any, what: str) -> tuple[str, ...]:
 
 def _name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not _SAFE_NAME.match(value) or "__" in value:
-        raise GridError(f"{what}: name {value!r} must be letters, digits and _ . + - (no '__': it separates "
-                        "the parts of a cell id)")
+        raise GridError(
+            f"{what}: name {value!r} must be letters, digits and _ . + - (no '__': it separates "
+            "the parts of a cell id)"
+        )
     return value
 
 
 def _check_keys(entry: Mapping[str, Any], allowed: set[str], what: str) -> None:
     unknown = set(entry) - allowed
     if unknown:
-        raise GridError(f"{what}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}")
+        raise GridError(
+            f"{what}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}"
+        )
 
 
 def _parse_dataset(entry: Any, i: int) -> DatasetSpec:
@@ -224,10 +261,15 @@ def _parse_dataset(entry: Any, i: int) -> DatasetSpec:
     _check_keys(entry, {"name", "path", "pair", "paper", "labels", "set", "skip_bad"}, what)
     if "path" not in entry:
         raise GridError(f"{what}: missing 'path'")
-    return DatasetSpec(name=_name(entry.get("name"), what), path=str(entry["path"]), pair=str(entry.get("pair", "auto")),
-                       paper=None if entry.get("paper") is None else str(entry["paper"]),
-                       labels=_ratios(entry["labels"], what) if "labels" in entry else None,
-                       overrides=_overrides(entry.get("set"), what), skip_bad=bool(entry.get("skip_bad", False)))
+    return DatasetSpec(
+        name=_name(entry.get("name"), what),
+        path=str(entry["path"]),
+        pair=str(entry.get("pair", "auto")),
+        paper=None if entry.get("paper") is None else str(entry["paper"]),
+        labels=_ratios(entry["labels"], what) if "labels" in entry else None,
+        overrides=_overrides(entry.get("set"), what),
+        skip_bad=bool(entry.get("skip_bad", False)),
+    )
 
 
 def _parse_method(entry: Any, i: int, default_ways: tuple[str, ...]) -> MethodSpec:
@@ -250,9 +292,14 @@ def _parse_method(entry: Any, i: int, default_ways: tuple[str, ...]) -> MethodSp
         bad = [w for w in ways if w not in WAYS]
         if bad:
             raise GridError(f"{what}: unknown way(s) {bad}; choose from {', '.join(WAYS)}")
-    return MethodSpec(name=name, method=method, ways=ways, label=str(entry.get("label", name)),
-                      labels=_ratios(entry["labels"], what) if "labels" in entry else None,
-                      overrides=_overrides(entry.get("set"), what))
+    return MethodSpec(
+        name=name,
+        method=method,
+        ways=ways,
+        label=str(entry.get("label", name)),
+        labels=_ratios(entry["labels"], what) if "labels" in entry else None,
+        overrides=_overrides(entry.get("set"), what),
+    )
 
 
 def _parse_paper(block: Any) -> tuple[dict[str, dict[str, dict[float, float]]], str]:
@@ -269,8 +316,9 @@ def _parse_paper(block: Any) -> tuple[dict[str, dict[str, dict[float, float]]], 
         for row, values in rows.items():
             if not isinstance(values, dict):
                 raise GridError(f"paper.results.{tag}.{row} must map label ratios to top-1 %")
-            results[str(tag)][str(row)] = {_ratios(k, f"paper.results.{tag}.{row}")[0]: float(v)
-                                           for k, v in values.items()}
+            results[str(tag)][str(row)] = {
+                _ratios(k, f"paper.results.{tag}.{row}")[0]: float(v) for k, v in values.items()
+            }
     return results, str(block.get("source", ""))
 
 
@@ -278,8 +326,23 @@ def parse_grid(data: Mapping[str, Any], *, name: str = "grid", source: Path | No
     """A :class:`Grid` from the mapping of a grid YAML file (see the module docstring)."""
     if not isinstance(data, Mapping):
         raise GridError("a grid must be a mapping with 'datasets' and 'methods'")
-    _check_keys(data, {"name", "title", "preset", "seeds", "labels", "ways", "set", "datasets", "methods", "cells",
-                       "paper"}, "grid")
+    _check_keys(
+        data,
+        {
+            "name",
+            "title",
+            "preset",
+            "seeds",
+            "labels",
+            "ways",
+            "set",
+            "datasets",
+            "methods",
+            "cells",
+            "paper",
+        },
+        "grid",
+    )
     preset = str(data.get("preset", "cpu"))
     if preset not in PRESETS:
         raise GridError(f"grid preset {preset!r} is not one of {', '.join(PRESETS)}")
@@ -288,7 +351,9 @@ def parse_grid(data: Mapping[str, Any], *, name: str = "grid", source: Path | No
     if not seeds:
         raise GridError("grid needs at least one seed")
     datasets = tuple(_parse_dataset(d, i) for i, d in enumerate(_as_tuple(data.get("datasets"), "datasets")))
-    methods = tuple(_parse_method(m, i, default_ways) for i, m in enumerate(_as_tuple(data.get("methods"), "methods")))
+    methods = tuple(
+        _parse_method(m, i, default_ways) for i, m in enumerate(_as_tuple(data.get("methods"), "methods"))
+    )
     if not datasets or not methods:
         raise GridError("grid needs at least one entry under 'datasets' and one under 'methods'")
     for kind, names in (("data set", [d.name for d in datasets]), ("method", [m.name for m in methods])):
@@ -302,10 +367,20 @@ def parse_grid(data: Mapping[str, Any], *, name: str = "grid", source: Path | No
         _check_keys(entry, {"match", "set"}, f"cells[{i}]")
         cells.append(CellOverride(str(entry["match"]), _overrides(entry.get("set"), f"cells[{i}]")))
     paper, paper_source = _parse_paper(data.get("paper"))
-    return Grid(name=str(data.get("name", name)), title=str(data.get("title", data.get("name", name))), preset=preset,
-                seeds=seeds, labels=_ratios(data.get("labels", [0.1]), "labels"), datasets=datasets,
-                methods=methods, overrides=_overrides(data.get("set"), "set"), cell_overrides=tuple(cells),
-                paper=paper, paper_source=paper_source, source=source)
+    return Grid(
+        name=str(data.get("name", name)),
+        title=str(data.get("title", data.get("name", name))),
+        preset=preset,
+        seeds=seeds,
+        labels=_ratios(data.get("labels", [0.1]), "labels"),
+        datasets=datasets,
+        methods=methods,
+        overrides=_overrides(data.get("set"), "set"),
+        cell_overrides=tuple(cells),
+        paper=paper,
+        paper_source=paper_source,
+        source=source,
+    )
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -348,21 +423,30 @@ def resolve_data_path(path: str, grid_file: Path | None = None) -> str:
 def pretrain_key(cell: Cell, cfg: RunConfig) -> str:
     """Everything pre-training depends on: data, pairing, seed (split and initialisation), and the data,
     model and pre-training sections of the config. Label ratio and fine-tuning options are not in it."""
-    payload = {"path": cell.data, "pair": cell.pair, "seed": cell.seed, "skip_bad": cell.skip_bad,
-               "precision": cfg.precision, **{k: to_dict(getattr(cfg, k)) for k in ("data", "model", "pretrain")}}
+    payload = {
+        "path": cell.data,
+        "pair": cell.pair,
+        "seed": cell.seed,
+        "skip_bad": cell.skip_bad,
+        "precision": cfg.precision,
+        **{k: to_dict(getattr(cfg, k)) for k in ("data", "model", "pretrain")},
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def expand_cells(grid: Grid, *, data_paths: Mapping[str, str] | None = None,
-                 overrides: Sequence[str] = ()) -> list[Cell]:
+def expand_cells(
+    grid: Grid, *, data_paths: Mapping[str, str] | None = None, overrides: Sequence[str] = ()
+) -> list[Cell]:
     """Every cell of the grid in run order (data set, seed, method row, way, label ratio), with its
     overrides checked against the config. ``data_paths`` replaces data set paths by name (``--set-data``);
     ``overrides`` (``--set``) apply to every cell, last."""
     data_paths = dict(data_paths or {})
     unknown = set(data_paths) - {d.name for d in grid.datasets}
     if unknown:
-        raise GridError(f"--set-data names {', '.join(sorted(unknown))} are not data sets of grid {grid.name!r} "
-                        f"({', '.join(d.name for d in grid.datasets)})")
+        raise GridError(
+            f"--set-data names {', '.join(sorted(unknown))} are not data sets of grid {grid.name!r} "
+            f"({', '.join(d.name for d in grid.datasets)})"
+        )
     cells: list[Cell] = []
     for ds in grid.datasets:
         raw = data_paths.get(ds.name, ds.path)
@@ -372,12 +456,26 @@ def expand_cells(grid: Grid, *, data_paths: Mapping[str, str] | None = None,
                 for way in m.ways:
                     for labels in m.labels or ds.labels or grid.labels:
                         cid = cell_id(ds.name, m.name, way, labels, seed)
-                        extra = tuple(x for co in grid.cell_overrides if fnmatch.fnmatchcase(cid, co.match)
-                                      for x in co.overrides)
-                        cell = Cell(id=cid, dataset=ds.name, data=data, pair=ds.pair, name=m.name, method=m.method,
-                                    way=way, labels=labels, seed=seed, preset=grid.preset,
-                                    overrides=(*grid.overrides, *ds.overrides, *m.overrides, *extra, *overrides),
-                                    skip_bad=ds.skip_bad)
+                        extra = tuple(
+                            x
+                            for co in grid.cell_overrides
+                            if fnmatch.fnmatchcase(cid, co.match)
+                            for x in co.overrides
+                        )
+                        cell = Cell(
+                            id=cid,
+                            dataset=ds.name,
+                            data=data,
+                            pair=ds.pair,
+                            name=m.name,
+                            method=m.method,
+                            way=way,
+                            labels=labels,
+                            seed=seed,
+                            preset=grid.preset,
+                            overrides=(*grid.overrides, *ds.overrides, *m.overrides, *extra, *overrides),
+                            skip_bad=ds.skip_bad,
+                        )
                         try:
                             cfg = cell.config()
                         except ConfigError as err:
@@ -388,8 +486,10 @@ def expand_cells(grid: Grid, *, data_paths: Mapping[str, str] | None = None,
     ids = [c.id for c in cells]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise GridError(f"grid {grid.name!r} makes the cell id(s) {', '.join(dup[:5])} more than once "
-                        "(repeated label ratios or seeds?)")
+        raise GridError(
+            f"grid {grid.name!r} makes the cell id(s) {', '.join(dup[:5])} more than once "
+            "(repeated label ratios or seeds?)"
+        )
     return cells
 
 
@@ -399,8 +499,9 @@ def select_cells(cells: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
         return list(cells)
     chosen = [c for c in cells if any(fnmatch.fnmatchcase(c.id, pat) for pat in only)]
     if not chosen:
-        raise GridError(f"--only {' '.join(only)} matches none of the {len(cells)} cells; "
-                        "list them with --dry-run")
+        raise GridError(
+            f"--only {' '.join(only)} matches none of the {len(cells)} cells; list them with --dry-run"
+        )
     return chosen
 
 
@@ -489,8 +590,10 @@ def describe_plan(plan: Plan, out: Path, *, python: str | None = None) -> str:
         cmd = shlex.join(t.cell.command(t.run_dir, resume=t.resume, pretrained=pretrained, python=python))
         lines.append(f"{t.cell.id:<58} {'resume' if t.resume else 'new':<7} [{t.role}] {cmd}")
     n_resume = sum(t.resume for t in plan.tasks)
-    lines.append(f"{len(plan.done) + len(plan.tasks)} cells: {len(plan.done)} done, {n_resume} to resume, "
-                 f"{len(plan.tasks) - n_resume} new; {plan.n_pretrainings} MICS pre-training(s) to run")
+    lines.append(
+        f"{len(plan.done) + len(plan.tasks)} cells: {len(plan.done)} done, {n_resume} to resume, "
+        f"{len(plan.tasks) - n_resume} new; {plan.n_pretrainings} MICS pre-training(s) to run"
+    )
     return "\n".join(lines)
 
 
@@ -525,12 +628,15 @@ def child_env(jobs: int) -> dict[str, str]:
 
 def _last_error(log: Path) -> str:
     try:
-        lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        lines = [
+            ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
+        ]
     except OSError:
         return "no log"
     for ln in reversed(lines):
-        if ln.startswith(("error:", "RuntimeError", "ValueError", "Error", "AssertionError", "Traceback")) or \
-                re.match(r"^\w+(Error|Exception)\b", ln):
+        if ln.startswith(
+            ("error:", "RuntimeError", "ValueError", "Error", "AssertionError", "Traceback")
+        ) or re.match(r"^\w+(Error|Exception)\b", ln):
             return ln[:300]
     return lines[-1][:300] if lines else "empty log"
 
@@ -542,10 +648,17 @@ class _State:
     def __init__(self, out: Path, grid: Grid, command: str) -> None:
         self.path = out / "bench.json"
         old = json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
-        self.data: dict[str, Any] = {"grid": grid.name, "grid_file": str(grid.source) if grid.source else None,
-                                     "command": command, "cells": old.get("cells", {})}
+        self.data: dict[str, Any] = {
+            "grid": grid.name,
+            "grid_file": str(grid.source) if grid.source else None,
+            "command": command,
+            "cells": old.get("cells", {}),
+        }
 
     def update(self, cell_id: str, **values: Any) -> None:
+        # re-read first: benches over disjoint --only selections may share the folder (one per GPU)
+        if self.path.exists():
+            self.data["cells"] = json.loads(self.path.read_text(encoding="utf-8")).get("cells", {})
         self.data["cells"].setdefault(cell_id, {}).update(values)
         self.save()
 
@@ -564,15 +677,28 @@ def _check_data(tasks: Sequence[Task], grid: Grid) -> None:
     if missing:
         from mics.data.errors import DataError
 
-        hints = "; ".join(f"{name}: {path!r} (grid path {grid.dataset(name).path!r})" for name, path in missing.items())
-        raise DataError(f"data not found for {hints}. Set the environment variable named in the grid or pass "
-                        "--set-data NAME=PATH")
+        hints = "; ".join(
+            f"{name}: {path!r} (grid path {grid.dataset(name).path!r})" for name, path in missing.items()
+        )
+        raise DataError(
+            f"data not found for {hints}. Set the environment variable named in the grid or pass "
+            "--set-data NAME=PATH"
+        )
 
 
-def run_bench(grid: Grid, out: str | Path, *, jobs: int = 1, only: Sequence[str] = (),
-              overrides: Sequence[str] = (), data_paths: Mapping[str, str] | None = None,
-              python: str | None = None, poll_s: float = 0.5, progress: bool = True,
-              command: str = "") -> BenchResult:
+def run_bench(
+    grid: Grid,
+    out: str | Path,
+    *,
+    jobs: int = 1,
+    only: Sequence[str] = (),
+    overrides: Sequence[str] = (),
+    data_paths: Mapping[str, str] | None = None,
+    python: str | None = None,
+    poll_s: float = 0.5,
+    progress: bool = True,
+    command: str = "",
+) -> BenchResult:
     """Run every unfinished cell of ``grid`` (those matching ``only``) into ``out/runs``, ``jobs`` at a
     time, then write ``out/results.csv`` and ``out/results.md`` from all finished cells of the grid."""
     from tqdm.auto import tqdm
@@ -594,8 +720,14 @@ def run_bench(grid: Grid, out: str | Path, *, jobs: int = 1, only: Sequence[str]
     running: dict[str, tuple[subprocess.Popen, Task, float, Any]] = {}
     ran: list[str] = []
     failed: dict[str, str] = {}
-    bar = tqdm(total=len(pending), desc=f"bench {grid.name}", unit="cell", disable=not progress, dynamic_ncols=True,
-               file=sys.stderr)
+    bar = tqdm(
+        total=len(pending),
+        desc=f"bench {grid.name}",
+        unit="cell",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     if plan.done:
         bar.write(f"{len(plan.done)} cell(s) already finished; skipped")
 
@@ -624,9 +756,15 @@ def run_bench(grid: Grid, out: str | Path, *, jobs: int = 1, only: Sequence[str]
         task.run_dir.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
         running[task.cell.id] = (proc, task, time.time(), log)
-        state.update(task.cell.id, status="running", resumed=task.resume,
-                     pretrained_from=str(task.pretrained) if task.pretrained else state.data["cells"].get(
-                         task.cell.id, {}).get("pretrained_from"), log=str(out / "logs" / f"{task.cell.id}.log"))
+        state.update(
+            task.cell.id,
+            status="running",
+            resumed=task.resume,
+            pretrained_from=str(task.pretrained)
+            if task.pretrained
+            else state.data["cells"].get(task.cell.id, {}).get("pretrained_from"),
+            log=str(out / "logs" / f"{task.cell.id}.log"),
+        )
 
     def ready(task: Task) -> bool | None:
         """True: can start; False: waiting; None: can never start (its pre-training failed)."""
@@ -636,8 +774,9 @@ def run_bench(grid: Grid, out: str | Path, *, jobs: int = 1, only: Sequence[str]
         if _has_encoders(owner_dir):
             task.pretrained, task.waits_for = owner_dir, None
             return True
-        if task.waits_for in failed or (task.waits_for not in running
-                                        and all(t.cell.id != task.waits_for for t in pending)):
+        if task.waits_for in failed or (
+            task.waits_for not in running and all(t.cell.id != task.waits_for for t in pending)
+        ):
             return None
         return False
 
@@ -673,7 +812,8 @@ def run_bench(grid: Grid, out: str | Path, *, jobs: int = 1, only: Sequence[str]
 
 
 def _stop(running: Mapping[str, tuple[subprocess.Popen, Task, float, Any]], grace_s: float = 30.0) -> None:
-    """Interrupt the cells' processes (they stop at a checkpoint boundary); kill what is left after a grace."""
+    """Interrupt the cells' processes (they stop at a checkpoint boundary); kill what is left after
+    ``grace_s``."""
     for proc, *_ in running.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -703,12 +843,22 @@ def collect_rows(cells: Sequence[Cell], out: Path) -> list[dict[str, Any]]:
         metrics = json.loads((rd / "metrics.json").read_text(encoding="utf-8"))
         meta = json.loads((rd / "run.json").read_text(encoding="utf-8")) if (rd / "run.json").exists() else {}
         pretrained = state.get(c.id, {}).get("pretrained_from") or ""
-        rows.append({
-            "dataset": c.dataset, "method": c.name, "way": c.way or "", "labels": c.labels, "seed": c.seed,
-            **{k: round(float(metrics["test"][k]), 6) for k in METRICS},
-            "wall_s": metrics.get("wall_s", ""), "preset": meta.get("preset", c.preset),
-            "git_commit": meta.get("git_commit") or "", "cell": c.id, "algorithm": c.method,
-            "pretrained_from": Path(pretrained).name if pretrained else ""})
+        rows.append(
+            {
+                "dataset": c.dataset,
+                "method": c.name,
+                "way": c.way or "",
+                "labels": c.labels,
+                "seed": c.seed,
+                **{k: round(float(metrics["test"][k]), 6) for k in METRICS},
+                "wall_s": metrics.get("wall_s", ""),
+                "preset": meta.get("preset", c.preset),
+                "git_commit": meta.get("git_commit") or "",
+                "cell": c.id,
+                "algorithm": c.method,
+                "pretrained_from": Path(pretrained).name if pretrained else "",
+            }
+        )
     return rows
 
 
@@ -751,15 +901,21 @@ def summarise(values: Sequence[float]) -> Summary:
     return Summary(mean, std, n)
 
 
-def aggregate(rows: Sequence[Mapping[str, Any]], metric: str = "top1"
-              ) -> dict[str, dict[tuple[str, str], dict[float, Summary]]]:
-    """dataset -> (method, way) -> label ratio -> summary over seeds, each level in order of first appearance."""
+def aggregate(
+    rows: Sequence[Mapping[str, Any]], metric: str = "top1"
+) -> dict[str, dict[tuple[str, str], dict[float, Summary]]]:
+    """dataset -> (method, way) -> label ratio -> summary over seeds; each level in order of first
+    appearance."""
     values: dict[str, dict[tuple[str, str], dict[float, list[float]]]] = {}
     for r in rows:
-        per_row = values.setdefault(str(r["dataset"]), {}).setdefault((str(r["method"]), str(r["way"] or "")), {})
+        per_row = values.setdefault(str(r["dataset"]), {}).setdefault(
+            (str(r["method"]), str(r["way"] or "")), {}
+        )
         per_row.setdefault(float(r["labels"]), []).append(float(r[metric]))
-    return {ds: {row: {lab: summarise(v) for lab, v in cols.items()} for row, cols in per_ds.items()}
-            for ds, per_ds in values.items()}
+    return {
+        ds: {row: {lab: summarise(v) for lab, v in cols.items()} for row, cols in per_ds.items()}
+        for ds, per_ds in values.items()
+    }
 
 
 def _fmt(s: Summary, expected_n: int | None) -> str:
@@ -769,9 +925,15 @@ def _fmt(s: Summary, expected_n: int | None) -> str:
     return text
 
 
-def markdown_table(table: Mapping[tuple[str, str], Mapping[float, Summary]], *, labels: Sequence[float],
-                   row_label: Any = None, expected_n: int | None = None,
-                   paper: Mapping[str, Mapping[float, float]] | None = None, paper_tag: str = "") -> str:
+def markdown_table(
+    table: Mapping[tuple[str, str], Mapping[float, Summary]],
+    *,
+    labels: Sequence[float],
+    row_label: Any = None,
+    expected_n: int | None = None,
+    paper: Mapping[str, Mapping[float, float]] | None = None,
+    paper_tag: str = "",
+) -> str:
     """Rows = (method, way), columns = label ratios, cells = mean ± std in %; the best mean of each column
     (at the shown precision, ties included) in bold. ``paper`` rows (top-1 %) follow the row they name and
     take no part in the bold."""
@@ -781,8 +943,10 @@ def markdown_table(table: Mapping[tuple[str, str], Mapping[float, Summary]], *, 
         means = [round(100 * cols[lab].mean, 2) for cols in table.values() if lab in cols]
         if len(means) > 1:
             best[lab] = max(means)
-    lines = ["| method | " + " | ".join(f"{format_ratio(lab)} %" for lab in labels) + " |",
-             "| --- | " + " | ".join("---:" for _ in labels) + " |"]
+    lines = [
+        "| method | " + " | ".join(f"{format_ratio(lab)} %" for lab in labels) + " |",
+        "| --- | " + " | ".join("---:" for _ in labels) + " |",
+    ]
     for (name, way), cols in table.items():
         cells = []
         for lab in labels:
@@ -790,28 +954,51 @@ def markdown_table(table: Mapping[tuple[str, str], Mapping[float, Summary]], *, 
                 cells.append("–")
                 continue
             text = _fmt(cols[lab], expected_n)
-            cells.append(f"**{text}**" if lab in best and round(100 * cols[lab].mean, 2) == best[lab] else text)
+            cells.append(
+                f"**{text}**" if lab in best and round(100 * cols[lab].mean, 2) == best[lab] else text
+            )
         lines.append(f"| {row_label(name, way)} | " + " | ".join(cells) + " |")
         key = name if not way else f"{name} ({way})"
         if paper and key in paper:
-            ref = [next((f"*{v:.2f}*" for r, v in paper[key].items() if math.isclose(r, lab)), "–") for lab in labels]
+            ref = [
+                next((f"*{v:.2f}*" for r, v in paper[key].items() if math.isclose(r, lab)), "–")
+                for lab in labels
+            ]
             lines.append(f"| *{row_label(name, way)}, paper ({paper_tag})* | " + " | ".join(ref) + " |")
     return "\n".join(lines)
 
 
-def results_markdown(rows: Sequence[Mapping[str, Any]], grid: Grid | None = None,
-                     missing: Sequence[str] = ()) -> str:
+_MAX_MISSING = 40
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``12.5 min`` or ``3.20 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def results_markdown(
+    rows: Sequence[Mapping[str, Any]], grid: Grid | None = None, missing: Sequence[str] = ()
+) -> str:
     """``results.md``: per data set, one table per metric (top-1 with the paper's numbers beside)."""
     title = grid.title if grid else "Bench results"
     lines = [f"# {title}", ""]
     if grid is not None:
-        lines += [f"Grid `{grid.source or grid.name}`, preset `{grid.preset}`, seeds "
-                  f"{', '.join(map(str, grid.seeds))}."]
+        lines += [
+            f"Grid `{grid.source or grid.name}`, preset `{grid.preset}`, seeds "
+            f"{', '.join(map(str, grid.seeds))}."
+        ]
     commits = sorted({str(r.get("git_commit")) for r in rows if r.get("git_commit")})
-    lines += ["Test-set metrics in %, mean ± sample standard deviation over seeds; the best mean of each column "
-              "in **bold**; (n=k): only k seeds finished. Paper rows (*italic*) are the paper's top-1 on its own "
-              "data, shown only for data sets tagged as the paper's.",
-              f"Runs: {len(rows)}; code: {', '.join(commits) or 'unknown'}.", ""]
+    lines += [
+        "Test-set metrics in %, mean ± sample standard deviation over seeds; the best mean of each column "
+        "in **bold**; (n=k): only k seeds finished. Paper rows (*italic*) are the paper's top-1 on its own "
+        "data, shown only for data sets tagged as the paper's.",
+        f"Runs: {len(rows)}; code: {', '.join(commits) or 'unknown'}.",
+        "",
+    ]
     expected = len(grid.seeds) if grid else None
     row_label = grid.row_label if grid else None
     for metric in METRICS:
@@ -824,8 +1011,19 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], grid: Grid | None = None
             heading = f"## {ds}: {METRIC_TITLES[metric]} (%)"
             if spec is not None and metric == "top1":
                 heading += f" — `{spec.path}`, pair `{spec.pair}`"
-            lines += [heading, "", markdown_table(table, labels=labels, row_label=row_label, expected_n=expected,
-                                                  paper=paper, paper_tag=tag or ""), ""]
+            lines += [
+                heading,
+                "",
+                markdown_table(
+                    table,
+                    labels=labels,
+                    row_label=row_label,
+                    expected_n=expected,
+                    paper=paper,
+                    paper_tag=tag or "",
+                ),
+                "",
+            ]
             if paper and grid and grid.paper_source:
                 lines += [f"Paper: {grid.paper_source}.", ""]
     if grid is not None:
@@ -834,12 +1032,19 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], grid: Grid | None = None
             notes.insert(0, f"- every cell: `{'`, `'.join(grid.overrides)}`")
         if notes:
             lines += ["## Overrides", "", *notes, ""]
-    walls = [float(r["wall_s"]) for r in rows if r.get("wall_s") not in (None, "") and math.isfinite(float(r["wall_s"]))]
+    walls = [float(r["wall_s"]) for r in rows if r.get("wall_s") not in (None, "")]
+    walls = [w for w in walls if math.isfinite(w)]
     if walls:
-        lines += [f"Total wall time of the finished runs: {sum(walls) / 3600:.2f} h (MICS runs that reuse a "
-                  "pre-training do not include it).", ""]
+        lines += [
+            f"Total wall time of the finished runs: {format_duration(sum(walls))} (MICS runs that reuse "
+            "a pre-training do not include it).",
+            "",
+        ]
     if missing:
-        lines += [f"## Not finished ({len(missing)})", "", *[f"- `{m}`" for m in missing], ""]
+        shown = [f"- `{m}`" for m in missing[:_MAX_MISSING]]
+        if len(missing) > _MAX_MISSING:
+            shown.append(f"- ... and {len(missing) - _MAX_MISSING} more")
+        lines += [f"## Not finished ({len(missing)})", "", *shown, ""]
     return "\n".join(lines)
 
 

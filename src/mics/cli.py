@@ -220,16 +220,19 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Folder for the demo's 
 
 
 @app.command()
-def bench(grid: Annotated[Path, typer.Option("--grid", help="Grid YAML (configs/table2-smoke.yaml, ...).")],
-          out: Annotated[Path, typer.Option("--out", help="Bench folder: runs/, logs/, results.csv, results.md.")],
-          jobs: Annotated[int, typer.Option("--jobs", help="Cells run at once; the CPU cores are shared out.")] = 1,
-          dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their commands only.")] = False,
-          set_: SetOpt = None,
-          set_data: Annotated[Optional[list[str]], typer.Option(
-              "--set-data", help="Data folder of a grid data set, NAME=PATH (repeat).")] = None,
-          only: Annotated[Optional[list[str]], typer.Option(
-              "--only", help="Run only the cells whose id matches this glob (repeat).")] = None,
-          ) -> None:
+def bench(
+    grid: Annotated[Path, typer.Option("--grid", help="Grid YAML (configs/table2-smoke.yaml, ...).")],
+    out: Annotated[Path, typer.Option("--out", help="Bench folder: runs/, logs/, results.csv, results.md.")],
+    jobs: Annotated[int, typer.Option("--jobs", help="Cells run at once; the CPU cores are shared out.")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and commands only.")] = False,
+    set_: SetOpt = None,
+    set_data: Annotated[
+        list[str] | None, typer.Option("--set-data", help="Data folder of a data set: NAME=PATH (repeat).")
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Run only cells whose id matches this glob (repeat).")
+    ] = None,
+) -> None:
     """Run a grid of cells (data set x method x way x label ratio x seed), resuming what is left; writes
     OUT/results.csv and OUT/results.md (the paper's Tables II-IV)."""
     from mics import bench as bench_mod
@@ -241,10 +244,13 @@ def bench(grid: Annotated[Path, typer.Option("--grid", help="Grid YAML (configs/
         plan = bench_mod.plan_cells(bench_mod.select_cells(cells, only or []), out, all_cells=cells)
         typer.echo(bench_mod.describe_plan(plan, out))
         return
-    result = bench_mod.run_bench(spec, out, jobs=jobs, only=only or [], overrides=set_ or [],
-                                 data_paths=data_paths, command=_command())
-    typer.echo(f"{len(result.ran)} cell(s) run, {len(result.done)} finished in all, {len(result.failed)} failed; "
-               f"results: {result.results_md}")
+    result = bench_mod.run_bench(
+        spec, out, jobs=jobs, only=only or [], overrides=set_ or [], data_paths=data_paths, command=_command()
+    )
+    typer.echo(
+        f"{len(result.ran)} cell(s) run, {len(result.done)} finished in all, {len(result.failed)} failed; "
+        f"results: {result.results_md}"
+    )
     for cid, reason in result.failed.items():
         typer.secho(f"failed: {cid}: {reason}", fg=typer.colors.RED, err=True)
     if result.failed:
@@ -252,8 +258,10 @@ def bench(grid: Annotated[Path, typer.Option("--grid", help="Grid YAML (configs/
 
 
 @app.command()
-def figures(bench_dir: Annotated[Path, typer.Option("--bench", help="A folder written by 'mics bench'.")],
-            out: Annotated[Optional[Path], typer.Option("--out", help="Default: BENCH/figures.")] = None) -> None:
+def figures(
+    bench_dir: Annotated[Path, typer.Option("--bench", help="A folder written by 'mics bench'.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Default: BENCH/figures.")] = None,
+) -> None:
     """UMAP of test features (Fig. 8), confusion matrices, learning curves and label efficiency, as PNGs."""
     from mics.eval.figures import make_figures
 

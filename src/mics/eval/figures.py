@@ -22,8 +22,13 @@ UMAP_NEIGHBOURS = 30  # the paper's Fig. 8 settings
 UMAP_MIN_DIST = 1.0
 
 
-def umap_embedding(features: np.ndarray, *, n_neighbors: int = UMAP_NEIGHBOURS, min_dist: float = UMAP_MIN_DIST,
-                   seed: int = 0) -> np.ndarray:
+def umap_embedding(
+    features: np.ndarray,
+    *,
+    n_neighbors: int = UMAP_NEIGHBOURS,
+    min_dist: float = UMAP_MIN_DIST,
+    seed: int = 0,
+) -> np.ndarray:
     """2-D UMAP of features [n, D] -> [n, 2]. ``n_neighbors`` is capped at n - 1 for small test sets."""
     import warnings
 
@@ -34,8 +39,12 @@ def umap_embedding(features: np.ndarray, *, n_neighbors: int = UMAP_NEIGHBOURS, 
         raise ValueError(f"UMAP needs features [n >= 3, D], got shape {list(features.shape)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # umap warns that a fixed random_state disables its parallelism
-        reducer = umap.UMAP(n_neighbors=min(n_neighbors, len(features) - 1), min_dist=min_dist, n_components=2,
-                            random_state=seed)
+        reducer = umap.UMAP(
+            n_neighbors=min(n_neighbors, len(features) - 1),
+            min_dist=min_dist,
+            n_components=2,
+            random_state=seed,
+        )
         return np.asarray(reducer.fit_transform(features), dtype=np.float64)
 
 
@@ -62,8 +71,14 @@ def _colours(n: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def plot_umap(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: Sequence[str], path: Path, *,
-              title: str = "", embed: Embedder | None = None) -> Path:
+def plot_umap(
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    classes: Sequence[str],
+    path: Path,
+    *,
+    title: str = "",
+    embed: Embedder | None = None,
+) -> Path:
     """One scatter per (title, features [n, D], labels [n]) panel, coloured by class, shared legend."""
     embed = embed or umap_embedding
     fig, axes = _figure(len(panels), ncols=4, panel=(3.4, 3.2))
@@ -77,14 +92,17 @@ def plot_umap(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: Seq
         ax.set_xticks([])
         ax.set_yticks([])
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=min(len(classes), 6), markerscale=3, fontsize=8)
+    fig.legend(
+        handles, names, loc="outside lower center", ncol=min(len(classes), 6), markerscale=3, fontsize=8
+    )
     if title:
         fig.suptitle(title)
     return _save(fig, path)
 
 
-def plot_confusions(panels: Sequence[tuple[str, np.ndarray]], classes: Sequence[str], path: Path, *,
-                    title: str = "") -> Path:
+def plot_confusions(
+    panels: Sequence[tuple[str, np.ndarray]], classes: Sequence[str], path: Path, *, title: str = ""
+) -> Path:
     """Row-normalised confusion matrices [C, C] (true class = row), one panel per (title, counts)."""
     fig, axes = _figure(len(panels), ncols=4, panel=(3.3, 3.3))
     annotate = len(classes) <= 8
@@ -100,8 +118,15 @@ def plot_confusions(panels: Sequence[tuple[str, np.ndarray]], classes: Sequence[
         if annotate:
             for i in range(len(classes)):
                 for j in range(len(classes)):
-                    ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if rates[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{rates[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -119,8 +144,9 @@ def read_curves(metrics_jsonl: Path) -> dict[str, list[dict[str, Any]]]:
     return {stage: [recs[s] for s in sorted(recs)] for stage, recs in by_stage.items()}
 
 
-def plot_learning_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], path: Path, *,
-                         title: str = "") -> Path:
+def plot_learning_curves(
+    curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], path: Path, *, title: str = ""
+) -> Path:
     """``curves``: method -> stage -> records. Panels: pre-training loss, training loss (fine-tuning or
     the baseline's stage) and validation top-1, against the optimiser step."""
     fig, axes = _figure(3, ncols=3, panel=(4.2, 3.4))
@@ -132,7 +158,9 @@ def plot_learning_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping[str,
                 axes[0].plot(steps, [r.get("loss", np.nan) for r in recs], color=colour, label=name)
                 continue
             axes[1].plot(steps, [r.get("loss", np.nan) for r in recs], color=colour, label=name)
-            val = [(r["step"], 100 * r["val_top1"]) for r in recs if isinstance(r.get("val_top1"), (int, float))]
+            val = [
+                (r["step"], 100 * r["val_top1"]) for r in recs if isinstance(r.get("val_top1"), (int, float))
+            ]
             if val:
                 axes[2].plot(*zip(*val, strict=True), color=colour, label=name, marker=".")
     for ax, name in zip(axes, ("pre-training loss", "training loss", "validation top-1 (%)"), strict=True):
@@ -146,8 +174,13 @@ def plot_learning_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping[str,
     return _save(fig, path)
 
 
-def plot_label_efficiency(series: Mapping[str, Mapping[float, Sequence[float]]], path: Path, *, title: str = "",
-                          paper: Mapping[str, Mapping[float, float]] | None = None) -> Path:
+def plot_label_efficiency(
+    series: Mapping[str, Mapping[float, Sequence[float]]],
+    path: Path,
+    *,
+    title: str = "",
+    paper: Mapping[str, Mapping[float, float]] | None = None,
+) -> Path:
     """Test top-1 (%) against the label ratio, mean ± std over seeds per method (values as fractions).
 
     A method measured at one ratio only (e.g. fully supervised at 100 %) is drawn as a horizontal line;
@@ -162,14 +195,18 @@ def plot_label_efficiency(series: Mapping[str, Mapping[float, Sequence[float]]],
         mean = np.array([100 * np.mean(per_ratio[x]) for x in xs])
         std = np.array([100 * np.std(per_ratio[x], ddof=1) if len(per_ratio[x]) > 1 else 0.0 for x in xs])
         if len(xs) == 1:
-            ax.axhline(mean[0], color=colour, linestyle="--", linewidth=1, label=f"{name} ({100 * xs[0]:g} %)")
+            ax.axhline(
+                mean[0], color=colour, linestyle="--", linewidth=1, label=f"{name} ({100 * xs[0]:g} %)"
+            )
             continue
         pct = 100 * np.array(xs)
         ax.plot(pct, mean, marker="o", color=colour, label=name)
         ax.fill_between(pct, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
     for name, points in (paper or {}).items():
         xs = sorted(points)
-        ax.plot([100 * x for x in xs], [points[x] for x in xs], "kx--", linewidth=0.8, label=f"{name} (paper)")
+        ax.plot(
+            [100 * x for x in xs], [points[x] for x in xs], "kx--", linewidth=0.8, label=f"{name} (paper)"
+        )
     shown = [r for r in ratios if r < 1.0] or ratios
     ax.set_xscale("log")
     ax.set_xticks([100 * r for r in shown], labels=[f"{100 * r:g}" for r in shown])
@@ -197,8 +234,9 @@ def _row_name(row: Mapping[str, Any], labels_of: Mapping[str, str]) -> str:
     return label if not row.get("way") else f"{label} ({row['way']})"
 
 
-def make_figures(bench_dir: str | Path, out: str | Path | None = None, *, embed: Embedder | None = None
-                 ) -> list[Path]:
+def make_figures(
+    bench_dir: str | Path, out: str | Path | None = None, *, embed: Embedder | None = None
+) -> list[Path]:
     """Every figure of a bench folder into ``out`` (default ``bench_dir/figures``), one sub-folder per data
     set: ``umap_l<pct>.png`` (Fig. 8, smallest ratio), ``confusion_l<pct>.png`` and ``curves_l<pct>.png``
     (every ratio; first seed), ``label_efficiency.png``. Returns the files written."""
@@ -229,12 +267,21 @@ def make_figures(bench_dir: str | Path, out: str | Path | None = None, *, embed:
             dirs = [(_row_name(r, labels_of), bench_dir / "runs" / r["cell"]) for r in picked]
             metrics = {n: json.loads((d / "metrics.json").read_text(encoding="utf-8")) for n, d in dirs}
             classes = _classes(dirs[0][1], metrics[dirs[0][0]])
-            written.append(plot_confusions([(n, np.array(metrics[n]["test"]["confusion"])) for n, _ in dirs],
-                                           classes, folder / f"confusion_l{format_ratio(ratio)}.png",
-                                           title=f"Test confusion (row-normalised): {tag}"))
-            written.append(plot_learning_curves({n: read_curves(d / "metrics.jsonl") for n, d in dirs},
-                                                folder / f"curves_l{format_ratio(ratio)}.png",
-                                                title=f"Learning curves: {tag}"))
+            written.append(
+                plot_confusions(
+                    [(n, np.array(metrics[n]["test"]["confusion"])) for n, _ in dirs],
+                    classes,
+                    folder / f"confusion_l{format_ratio(ratio)}.png",
+                    title=f"Test confusion (row-normalised): {tag}",
+                )
+            )
+            written.append(
+                plot_learning_curves(
+                    {n: read_curves(d / "metrics.jsonl") for n, d in dirs},
+                    folder / f"curves_l{format_ratio(ratio)}.png",
+                    title=f"Learning curves: {tag}",
+                )
+            )
             if ratio == smallest:
                 panels = []
                 for n, d in dirs:
@@ -242,8 +289,15 @@ def make_figures(bench_dir: str | Path, out: str | Path | None = None, *, embed:
                         with np.load(d / "test_features.npz") as z:
                             panels.append((n, z["features"], z["labels"]))
                 if panels:
-                    written.append(plot_umap(panels, classes, folder / f"umap_l{format_ratio(ratio)}.png",
-                                             title=f"UMAP of test features (Fig. 8): {tag}", embed=embed))
+                    written.append(
+                        plot_umap(
+                            panels,
+                            classes,
+                            folder / f"umap_l{format_ratio(ratio)}.png",
+                            title=f"UMAP of test features (Fig. 8): {tag}",
+                            embed=embed,
+                        )
+                    )
         series: dict[str, dict[float, list[float]]] = {}
         for r in ds_rows:
             series.setdefault(_row_name(r, labels_of), {}).setdefault(r["labels"], []).append(r["top1"])
@@ -252,6 +306,12 @@ def make_figures(bench_dir: str | Path, out: str | Path | None = None, *, embed:
             spec = next((d for d in grid.datasets if d.name == dataset), None)
             if spec is not None and spec.paper in grid.paper:
                 paper = {f"{labels_of.get(k, k)}, {spec.paper}": v for k, v in grid.paper[spec.paper].items()}
-        written.append(plot_label_efficiency(series, folder / "label_efficiency.png", paper=paper,
-                                             title=f"Label efficiency: {dataset} (mean ± std over seeds)"))
+        written.append(
+            plot_label_efficiency(
+                series,
+                folder / "label_efficiency.png",
+                paper=paper,
+                title=f"Label efficiency: {dataset} (mean ± std over seeds)",
+            )
+        )
     return written
