@@ -147,12 +147,16 @@ class Timings:
     bound: list[float] = field(default_factory=list)  # seconds per bound pass
 
 
-class InterleavedTimer:
-    """Wraps a batch function for ``fit``: before each step's batch is built, it closes the timing of the
-    previous step and runs one bound pass, so real steps and bound passes alternate.
+class StepTimer:
+    """Wraps a batch function for ``fit`` and times the steps it feeds (warm-up steps excluded).
 
-    The real step's time runs from the end of the bound pass to the request of the next batch, which is
-    batch construction + forward + backward + optimiser step + after-step hooks + logging of that step.
+    ``interleave=True`` (CPU): before each timed step's batch is built, the previous step's timing is closed
+    and one bound pass runs, so real steps and bound passes alternate and a machine shared with other jobs
+    slows both alike. A real step's time then runs from the end of the bound pass to the request of the
+    next batch: batch construction + forward + backward + optimiser step + after-step hooks + logging.
+
+    ``interleave=False`` (accelerators): the timed steps run back to back between two synchronisations,
+    as in training, so the host may queue work ahead of the device; the bound is timed in one block after.
     """
 
     def __init__(
@@ -163,33 +167,44 @@ class InterleavedTimer:
         device: torch.device,
         bound: Callable[[], None],
         memory: PeakMemory,
+        interleave: bool,
     ) -> None:
+        if warmup < 1 or steps < 1:
+            raise ValueError(
+                "need at least one warm-up step (it records the bound's passes) and one timed step"
+            )
         self.inner, self.warmup, self.steps, self.device = inner, warmup, steps, device
-        self.bound, self.memory = bound, memory
+        self.bound, self.memory, self.interleave = bound, memory, interleave
         self.timings = Timings()
 
     def __call__(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
         source = cycle_batches(self.inner, generator)
         started = None
         for i in range(self.warmup + self.steps):
-            synchronize(self.device)
-            now = time.perf_counter()
-            if started is not None:
-                self.timings.real.append(now - started)
-                self.memory.record()
-            if i >= self.warmup - 1:  # one untimed bound pass is its warm-up
-                self.bound()
-            synchronize(self.device)
-            after_bound = time.perf_counter()
-            if i >= self.warmup:
-                self.timings.bound.append(after_bound - now)
+            if i >= self.warmup and (self.interleave or i == self.warmup):
+                synchronize(self.device)
+                now = time.perf_counter()
+                if started is not None:
+                    self.timings.real.append(now - started)
+                    self.memory.record()
+                if self.interleave:
+                    if i == self.warmup:  # the bound's own warm-up pass
+                        self.bound()
+                        synchronize(self.device)
+                        now = time.perf_counter()
+                    self.bound()
+                    synchronize(self.device)
+                    self.timings.bound.append(time.perf_counter() - now)
                 self.memory.reset()
                 started = time.perf_counter()
             yield next(source)
         synchronize(self.device)
         if started is not None:
-            self.timings.real.append(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
             self.memory.record()
+            self.timings.real.append(elapsed if self.interleave else elapsed / self.steps)
+        if not self.interleave:
+            self.timings.bound.append(_block_time(self.bound, self.device, self.steps))
 
 
 def cycle_batches(inner: BatchFn, generator: torch.Generator) -> Iterator[Any]:
@@ -516,7 +531,15 @@ class Bench:
         model, batches, schedule, extra = case.build(warmup + steps)
         model.to(self.device)
         memory = PeakMemory(self.device)
-        timer = InterleavedTimer(batches, warmup, steps, self.device, case.bound(model), memory)
+        timer = StepTimer(
+            batches,
+            warmup,
+            steps,
+            self.device,
+            case.bound(model),
+            memory,
+            interleave=self.device.type == "cpu",
+        )
         loader_s = time_loader(batches, loader_batches, self.device)
         fit(
             model,
@@ -591,6 +614,7 @@ class BackboneRecorder:
 
 
 def _time(fn: Callable[[], Any], device: torch.device, reps: int = 3) -> float:
+    """Median seconds of one call of ``fn`` (after one warm-up call)."""
     fn()
     times = []
     for _ in range(reps):
@@ -600,6 +624,18 @@ def _time(fn: Callable[[], Any], device: torch.device, reps: int = 3) -> float:
         synchronize(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _block_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
+    """Mean seconds of ``fn`` over ``reps`` calls made back to back between two synchronisations (the device
+    may queue ahead, as in training), after one warm-up call."""
+    fn()
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - t) / reps
 
 
 # ----------------------------------------------------------------------------------------------- output

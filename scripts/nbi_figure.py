@@ -55,7 +55,7 @@ def main() -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(
-        f"{VirtualNBI.name}: bundled HyperKvasir frames (CC BY 4.0) and their generated partners", fontsize=10
+        f"{VirtualNBI.name}: bundled HyperKvasir frames and their generated partners", fontsize=10
     )
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)

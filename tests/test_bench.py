@@ -453,7 +453,7 @@ def test_a_failing_cell_does_not_stop_the_bench_and_its_dependents_are_skipped(t
         tmp_path,
         seeds=[0],
         datasets=[
-            {"name": "bad", "path": str(tmp_path / "fail")},
+            {"name": "bad", "path": str(tmp_path / "broken")},
             {"name": "good", "path": str(tmp_path / "good")},
         ],
     )
@@ -473,6 +473,31 @@ def test_a_failing_cell_does_not_stop_the_bench_and_its_dependents_are_skipped(t
     assert "the data is broken" in (out / "logs" / "bad__mics__l50__s0.log").read_text()
     md = result.results_md.read_text()
     assert "Not finished (4)" in md and "`bad__mics__l10__s0`" in md
+
+
+def test_cli_bench_exits_1_when_a_cell_failed(tmp_path, fake_python, monkeypatch, capsys):
+    (tmp_path / "broken").mkdir()
+    grid = tmp_path / "g.yaml"
+    grid.write_text(
+        f"preset: smoke\ndatasets: [{{name: bad, path: {tmp_path / 'broken'}}}]\nmethods: [mics]\n"
+    )
+    monkeypatch.setattr(sys, "executable", str(fake_python))
+    code = _main(monkeypatch, "bench", "--grid", grid, "--out", tmp_path / "b")
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "failed: bad__mics__l10__s0: exit code 2: error: the data is broken" in captured.err
+    assert "0 cell(s) run, 0 finished in all, 1 failed" in captured.out
+
+
+def test_threads_are_shared_out_between_jobs(monkeypatch):
+    monkeypatch.delenv("MICS_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    assert "OMP_NUM_THREADS" not in bench.child_env(1)  # one job: torch's own default
+    env = bench.child_env(4)
+    assert env["OMP_NUM_THREADS"] == env["MICS_THREADS"] == str(max(1, cpus // 4))
+    monkeypatch.setenv("MICS_THREADS", "3")
+    assert bench.child_env(1)["OMP_NUM_THREADS"] == "3"
 
 
 def test_missing_data_is_reported_before_anything_runs(tmp_path, fake_python):
@@ -530,7 +555,9 @@ def test_summaries_are_mean_and_sample_std():
 
 def _table_cells(md: str, heading: str) -> dict[str, list[str]]:
     block = md.split(heading, 1)[1].split("\n## ", 1)[0]
-    rows = [ln for ln in block.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
+    rows = [
+        ln for ln in block.splitlines() if ln.startswith("| ") and not ln.startswith(("| method", "| ---"))
+    ]
     return {r.split(" | ")[0][2:]: [c.strip(" |") for c in r.split(" | ")[1:]] for r in rows}
 
 
@@ -564,7 +591,7 @@ def test_results_markdown_bolds_the_best_mean_per_column_and_shows_paper_rows():
     assert top1["FixMatch (standard)"] == ["72.00 ± 2.83", "**68.00 ± 2.83**", "–"]
     assert top1["full (standard)"] == ["–", "–", "90.00 ± 0.00"]  # alone in its column: nothing to beat
     assert top1["*MICS, paper (Kvasir)*"] == ["*67.17*", "*60.88*", "–"]
-    assert "| method | 100 % | 10 % | 5 % |" in md
+    assert "| method | 10 % | 5 % | 100 % |" in md
     f1 = _table_cells(md, "## d: Macro-F1")
     assert f1["FixMatch (standard)"][0].startswith("**28.00")  # lower top-1 -> higher (1 - v) macro-F1 here
     assert not any("paper" in k for k in f1)
@@ -621,10 +648,25 @@ def _mics(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.Comp
     )
 
 
-def test_dry_run_lists_every_cell(tmp_path):
-    proc = _mics("bench", "--grid", CONFIGS / "table2-smoke.yaml", "--out", tmp_path / "b", "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+def _main(monkeypatch, *args: object) -> int:
+    """``mics ARGS`` in this process (no interpreter start-up); returns the exit code."""
+    from mics.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mics", *map(str, args)])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_dry_run_lists_every_cell(tmp_path, monkeypatch, capsys):
+    code = _main(
+        monkeypatch, "bench", "--grid", CONFIGS / "table2-smoke.yaml", "--out", tmp_path / "b", "--dry-run"
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = out.strip().splitlines()
     assert lines[-1].startswith("34 cells: 0 done, 0 to resume, 34 new; 2 MICS pre-training(s)")
     assert any(
         ln.startswith("hyperkvasir__siabc-multimodal__l10__s0 ") and "baseline --method siabc" in ln
@@ -633,13 +675,12 @@ def test_dry_run_lists_every_cell(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_bad_grid_is_a_one_line_error(tmp_path):
+def test_bad_grid_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "g.yaml"
     bad.write_text("datasets: [{name: a, path: /a}]\nmethods: [nosuch]\n")
-    proc = _mics("bench", "--grid", bad, "--out", tmp_path / "b", "--dry-run")
-    assert (
-        proc.returncode == 2 and "unknown method 'nosuch'" in proc.stderr and "Traceback" not in proc.stderr
-    )
+    code = _main(monkeypatch, "bench", "--grid", bad, "--out", tmp_path / "b", "--dry-run")
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown method 'nosuch'" in err and "Traceback" not in err
 
 
 def test_bench_end_to_end_on_the_bundled_sample(tmp_path):

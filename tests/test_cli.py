@@ -87,3 +87,31 @@ def test_existing_run_folder_needs_resume(milk_run):
     assert proc.returncode == 2 and "--resume" in proc.stderr
     proc = mics("run", "--data", MILK, "--preset", "smoke", "--out", milk_run, "--resume")
     assert "already done" in proc.stderr
+
+
+def test_a_run_folder_with_a_pickled_model_runs_no_code(milk_run, tmp_path):
+    """A shared run folder whose weights were swapped for a pickle is refused before anything is unpickled."""
+    import pickle
+    import shutil
+
+    evil_run = tmp_path / "evil"
+    shutil.copytree(milk_run, evil_run)
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (evil_run / "finetune" / "best.safetensors").write_bytes(pickle.dumps({"model": Payload()}))
+    proc = mics("predict", "--run", evil_run, sorted((MILK / "NV").glob("*__clinical.jpg"))[0],
+                "--partner", sorted((MILK / "NV").glob("*__dermoscopic.jpg"))[0], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "corrupt" in proc.stderr or "safetensors" in proc.stderr
+    assert not marker.exists()
+
+
+def test_yaml_config_with_python_tags_is_refused(tmp_path):
+    bad = tmp_path / "evil.yaml"
+    bad.write_text("preset: !!python/object/apply:os.system ['touch " + str(tmp_path / "executed") + "']\n")
+    proc = mics("run", "--data", MILK, "--config", bad, "--out", tmp_path / "r", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "executed").exists()

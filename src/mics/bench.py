@@ -812,13 +812,18 @@ def run_bench(
 
 
 def _stop(running: Mapping[str, tuple[subprocess.Popen, Task, float, Any]], grace_s: float = 30.0) -> None:
-    """Interrupt the cells' processes (they stop at a checkpoint boundary); kill what is left after
-    ``grace_s``."""
-    for proc, *_ in running.values():
-        if proc.poll() is None:
+    """Stop the cells' processes: a Ctrl-C in a terminal has reached them already (same process group),
+    so give them a moment, then interrupt the others once (they stop at a checkpoint boundary) and kill
+    what is left after ``grace_s``."""
+    procs = [(proc, log) for proc, _, _, log in running.values()]
+    deadline = time.time() + 2.0
+    for proc, _ in procs:
+        try:
+            proc.wait(timeout=max(0.01, deadline - time.time()))
+        except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGINT)
     deadline = time.time() + grace_s
-    for proc, _, _, log in running.values():
+    for proc, log in procs:
         try:
             proc.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
@@ -1005,7 +1010,7 @@ def results_markdown(
         for ds, table in aggregate(rows, metric).items():
             spec = next((d for d in grid.datasets if d.name == ds), None) if grid else None
             present = {lab for cols in table.values() for lab in cols}
-            labels = sorted(present, reverse=True)
+            labels = sorted(present, key=lambda r: (r >= 1.0, -r))  # 100 % (fully supervised) last
             tag = spec.paper if spec else None
             paper = grid.paper.get(tag) if grid and tag and metric == "top1" else None
             heading = f"## {ds}: {METRIC_TITLES[metric]} (%)"

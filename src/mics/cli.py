@@ -244,9 +244,15 @@ def bench(
         plan = bench_mod.plan_cells(bench_mod.select_cells(cells, only or []), out, all_cells=cells)
         typer.echo(bench_mod.describe_plan(plan, out))
         return
-    result = bench_mod.run_bench(
-        spec, out, jobs=jobs, only=only or [], overrides=set_ or [], data_paths=data_paths, command=_command()
-    )
+    try:
+        result = bench_mod.run_bench(
+            spec, out, jobs=jobs, only=only or [], overrides=set_ or [], data_paths=data_paths,
+            command=_command(),
+        )
+    except KeyboardInterrupt:
+        # sys.exit, not typer.Exit: main() runs the app with standalone_mode=False, which drops Exit codes
+        typer.secho("interrupted; run the same command again to resume", fg=typer.colors.YELLOW, err=True)
+        sys.exit(130)
     typer.echo(
         f"{len(result.ran)} cell(s) run, {len(result.done)} finished in all, {len(result.failed)} failed; "
         f"results: {result.results_md}"
@@ -254,7 +260,7 @@ def bench(
     for cid, reason in result.failed.items():
         typer.secho(f"failed: {cid}: {reason}", fg=typer.colors.RED, err=True)
     if result.failed:
-        raise typer.Exit(1)
+        sys.exit(1)
 
 
 @app.command()

@@ -253,7 +253,10 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -264,8 +267,14 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 def load_yaml(path: str | Path) -> RunConfig:
     """Load a config written by :func:`dump_yaml` (or a partial one) with YAML's safe loader."""
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        # safe_load refuses python-object tags: a config file cannot run code
+        raise ConfigError(f"config {path} is not plain YAML: {err}") from None
     return from_dict(data)
 
 

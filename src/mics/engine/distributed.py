@@ -106,9 +106,11 @@ def main_first() -> Iterator[None]:
 
 
 def shard(indices: torch.Tensor) -> torch.Tensor:
-    """This rank's share of a globally shuffled index list (equal sizes: the tail is dropped)."""
+    """This rank's share of a globally shuffled index list: every ``world_size``-th entry from the rank's
+    offset (equal sizes: the tail is dropped). Strided, as ``DistributedSampler`` does, so that the ranks'
+    batches i together hold exactly the entries of one process' batch i of the global batch size."""
     n = world_size()
     if n == 1:
         return indices
     per = len(indices) // n
-    return indices[rank() * per : (rank() + 1) * per]
+    return indices[: per * n][rank() :: n]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -177,6 +178,18 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def wrap_ddp(method: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
+    """DDP around ``method``: gradients averaged over ranks, buffers synchronised once at the start only."""
+    options: dict[str, Any] = {
+        "device_ids": [device.index] if device.type == "cuda" else None,
+        "find_unused_parameters": bool(getattr(method, "find_unused_parameters", False)),
+    }
+    # newer torch splits the old flag in two: keep the sync at construction, skip the one before each forward
+    ddp_args = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    options["forward_sync_buffers" if "forward_sync_buffers" in ddp_args else "broadcast_buffers"] = False
+    return nn.parallel.DistributedDataParallel(method, **options)
+
+
 CHECK_EVERY = 10  # steps between reads of the non-finite-loss flag (each read waits for the accelerator)
 
 
@@ -252,12 +265,7 @@ def fit(
         info(f"[{stage}] torch.compile: {compile_blocks(method)} blocks")
     train_module: nn.Module = method
     if dist.is_distributed():
-        train_module = nn.parallel.DistributedDataParallel(
-            method,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-            find_unused_parameters=bool(getattr(method, "find_unused_parameters", False)),
-        )
+        train_module = wrap_ddp(method, device)
     result = FitResult(best_score=None, best_epoch=None)
     start_epoch = 0
     if resume and ckpt_dir is not None and (Path(ckpt_dir) / "last.json").exists():

@@ -154,10 +154,11 @@ def plot_learning_curves(
     for colour, (name, stages) in zip(colours, curves.items(), strict=True):
         for stage, recs in stages.items():
             steps = [r["step"] for r in recs]
+            # markers too: a one-epoch stage is a single point
+            ax = axes[0] if stage == "pretrain" else axes[1]
+            ax.plot(steps, [r.get("loss", np.nan) for r in recs], color=colour, label=name, marker=".")
             if stage == "pretrain":
-                axes[0].plot(steps, [r.get("loss", np.nan) for r in recs], color=colour, label=name)
                 continue
-            axes[1].plot(steps, [r.get("loss", np.nan) for r in recs], color=colour, label=name)
             val = [
                 (r["step"], 100 * r["val_top1"]) for r in recs if isinstance(r.get("val_top1"), (int, float))
             ]
@@ -168,7 +169,12 @@ def plot_learning_curves(
         ax.set_xlabel("optimiser step")
         if not ax.lines:
             ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes, color="grey")
-    axes[1].legend(fontsize=6, loc="upper right")
+    handles = {}
+    for ax in axes:
+        for line in ax.lines:
+            handles.setdefault(line.get_label(), line)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), fontsize=7, loc="outside right upper")
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -183,7 +189,7 @@ def plot_label_efficiency(
 ) -> Path:
     """Test top-1 (%) against the label ratio, mean ± std over seeds per method (values as fractions).
 
-    A method measured at one ratio only (e.g. fully supervised at 100 %) is drawn as a horizontal line;
+    A method measured at 100 % labels only (fully supervised) is drawn as a horizontal dashed line;
     ``paper`` (method -> ratio -> top-1 %) adds the paper's points as black crosses.
     """
     fig, axes = _figure(1, ncols=1, panel=(7.5, 4.6))
@@ -194,14 +200,12 @@ def plot_label_efficiency(
         xs = sorted(per_ratio)
         mean = np.array([100 * np.mean(per_ratio[x]) for x in xs])
         std = np.array([100 * np.std(per_ratio[x], ddof=1) if len(per_ratio[x]) > 1 else 0.0 for x in xs])
-        if len(xs) == 1:
-            ax.axhline(
-                mean[0], color=colour, linestyle="--", linewidth=1, label=f"{name} ({100 * xs[0]:g} %)"
-            )
+        if xs == [1.0] and ratios[0] < 1.0:
+            ax.axhline(mean[0], color=colour, linestyle="--", linewidth=1, label=f"{name} (100 %)")
             continue
         pct = 100 * np.array(xs)
-        ax.plot(pct, mean, marker="o", color=colour, label=name)
-        ax.fill_between(pct, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
+        ax.errorbar(pct, mean, yerr=std, marker="o", color=colour, label=name, capsize=2)
+        ax.fill_between(pct, mean - std, mean + std, color=colour, alpha=0.12, linewidth=0)
     for name, points in (paper or {}).items():
         xs = sorted(points)
         ax.plot(
@@ -239,7 +243,8 @@ def make_figures(
 ) -> list[Path]:
     """Every figure of a bench folder into ``out`` (default ``bench_dir/figures``), one sub-folder per data
     set: ``umap_l<pct>.png`` (Fig. 8, smallest ratio), ``confusion_l<pct>.png`` and ``curves_l<pct>.png``
-    (every ratio; first seed), ``label_efficiency.png``. Returns the files written."""
+    (every ratio; first seed), ``label_efficiency.png`` (with two label ratios or more). Returns the files
+    written."""
     from mics.bench import GridError, format_ratio, load_grid, read_csv
 
     bench_dir = Path(bench_dir)
@@ -298,6 +303,8 @@ def make_figures(
                             embed=embed,
                         )
                     )
+        if sum(r < 1.0 for r in ratios) < 2:
+            continue  # a label-efficiency curve needs two label ratios
         series: dict[str, dict[float, list[float]]] = {}
         for r in ds_rows:
             series.setdefault(_row_name(r, labels_of), {}).setdefault(r["labels"], []).append(r["top1"])
