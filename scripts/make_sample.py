@@ -22,10 +22,23 @@ def _key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _read_manifest(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "MANIFEST.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
 def copy_milk(src: Path, dst: Path) -> int:
-    rows = list(csv.DictReader(open(src / "MANIFEST.csv", newline="", encoding="utf-8")))
-    fields = ["path", "class", "lesion_id", "modality", "isic_id", "diagnosis_full", "copyright_license",
-              "attribution"]
+    rows = _read_manifest(src)
+    fields = [
+        "path",
+        "class",
+        "lesion_id",
+        "modality",
+        "isic_id",
+        "diagnosis_full",
+        "copyright_license",
+        "attribution",
+    ]
     kept = []
     for cls, n in MILK_CLASSES.items():
         lesions = sorted({r["lesion_id"] for r in rows if r["class"] == cls}, key=_key)[:n]
@@ -43,7 +56,7 @@ def copy_milk(src: Path, dst: Path) -> int:
 
 
 def copy_gi(src: Path, dst: Path) -> int:
-    rows = list(csv.DictReader(open(src / "MANIFEST.csv", newline="", encoding="utf-8")))
+    rows = _read_manifest(src)
     fields = ["path", "class", "source_label", "original_file_name", "hyperkvasir_split_index"]
     kept = []
     for cls, n in GI_CLASSES.items():

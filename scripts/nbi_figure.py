@@ -54,9 +54,7 @@ def main() -> None:
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(
-        f"{VirtualNBI.name}: bundled HyperKvasir frames and their generated partners", fontsize=10
-    )
+    fig.suptitle(f"{VirtualNBI.name}: bundled HyperKvasir frames and their generated partners", fontsize=10)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

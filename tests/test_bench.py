@@ -489,6 +489,19 @@ def test_cli_bench_exits_1_when_a_cell_failed(tmp_path, fake_python, monkeypatch
     assert "0 cell(s) run, 0 finished in all, 1 failed" in captured.out
 
 
+def test_the_reason_of_a_failure_is_the_last_exception_of_the_log(tmp_path):
+    log = tmp_path / "c.log"
+    log.write_text(
+        "$ python -m mics run ...\nfinetune:  40%|####\nTraceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise CheckpointError("bad")\n'
+        "mics.engine.checkpoint.CheckpointError: best.safetensors is bad\n\n"
+    )
+    assert bench._last_error(log) == "mics.engine.checkpoint.CheckpointError: best.safetensors is bad"
+    log.write_text("checking images\nerror: class folder 'x' is empty\n")
+    assert bench._last_error(log) == "error: class folder 'x' is empty"
+    assert bench._last_error(tmp_path / "missing.log") == "no log"
+
+
 def test_threads_are_shared_out_between_jobs(monkeypatch):
     monkeypatch.delenv("MICS_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -17,9 +17,13 @@ FAST = ["--set", "pretrain.epochs=1", "--set", "finetune.epochs=1", "--set", "fi
 
 
 def mics(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "mics", *map(str, args)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mics", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"mics {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"mics {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -31,9 +35,19 @@ def milk_run(tmp_path_factory) -> Path:
 
 
 def test_run_writes_every_artefact(milk_run):
-    for name in ("config.yaml", "run.json", "split.json", "labelled.json", "metrics.jsonl", "metrics.json",
-                 "report.md", "report.json", "pretrain/encoders.safetensors", "svd/dictionary.safetensors",
-                 "finetune/best.safetensors"):
+    for name in (
+        "config.yaml",
+        "run.json",
+        "split.json",
+        "labelled.json",
+        "metrics.jsonl",
+        "metrics.json",
+        "report.md",
+        "report.json",
+        "pretrain/encoders.safetensors",
+        "svd/dictionary.safetensors",
+        "finetune/best.safetensors",
+    ):
         assert (milk_run / name).exists(), name
     metrics = json.loads((milk_run / "metrics.json").read_text())
     for split in ("val", "test"):
@@ -51,15 +65,19 @@ def test_predict_json_and_csv_with_partners_and_a_bad_image(milk_run, tmp_path):
     b = [p.with_name(p.name.replace("clinical", "dermoscopic")) for p in a]
     bad = tmp_path / "broken__clinical.jpg"
     bad.write_bytes(b"not an image")
-    out = json.loads(mics("predict", "--run", milk_run, *a, bad, *(x for p in (*b, b[0]) for x in ("--partner", p))
-                          ).stdout)
+    out = json.loads(
+        mics("predict", "--run", milk_run, *a, bad, *(x for p in (*b, b[0]) for x in ("--partner", p))).stdout
+    )
     assert len(out) == 3 and "error" in out[2] and "broken" in out[2]["error"]
     for row in out[:2]:
         assert row["class"] in row["probabilities"]
         assert abs(sum(row["probabilities"].values()) - 1) < 1e-4
         assert 0.0 <= row["uncertainty"] <= 1.0
-    rows = list(csv.DictReader(io.StringIO(mics("predict", "--run", milk_run, a[0], "--partner", b[0],
-                                                "--format", "csv").stdout)))
+    rows = list(
+        csv.DictReader(
+            io.StringIO(mics("predict", "--run", milk_run, a[0], "--partner", b[0], "--format", "csv").stdout)
+        )
+    )
     assert rows[0]["class"] == out[0]["class"]
 
 
@@ -103,8 +121,15 @@ def test_a_run_folder_with_a_pickled_model_runs_no_code(milk_run, tmp_path):
             return (open, (str(marker), "w"))
 
     (evil_run / "finetune" / "best.safetensors").write_bytes(pickle.dumps({"model": Payload()}))
-    proc = mics("predict", "--run", evil_run, sorted((MILK / "NV").glob("*__clinical.jpg"))[0],
-                "--partner", sorted((MILK / "NV").glob("*__dermoscopic.jpg"))[0], check=False)
+    proc = mics(
+        "predict",
+        "--run",
+        evil_run,
+        sorted((MILK / "NV").glob("*__clinical.jpg"))[0],
+        "--partner",
+        sorted((MILK / "NV").glob("*__dermoscopic.jpg"))[0],
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "corrupt" in proc.stderr or "safetensors" in proc.stderr
     assert not marker.exists()

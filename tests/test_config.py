@@ -13,20 +13,31 @@ def test_presets_round_trip_through_yaml(tmp_path, name):
 
 
 def test_overrides_are_typed():
-    cfg = apply_overrides(preset("cpu"), ["pretrain.epochs=3", "svd.shift_mean=paper", "finetune.use_tmc=false",
-                                          "data.split=[0.5, 0.25, 0.25]", "pretrain.lr=1e-3"])
+    cfg = apply_overrides(
+        preset("cpu"),
+        [
+            "pretrain.epochs=3",
+            "svd.shift_mean=paper",
+            "finetune.use_tmc=false",
+            "data.split=[0.5, 0.25, 0.25]",
+            "pretrain.lr=1e-3",
+        ],
+    )
     assert cfg.pretrain.epochs == 3 and cfg.svd.shift_mean == "paper" and cfg.finetune.use_tmc is False
     assert cfg.data.split == (0.5, 0.25, 0.25) and cfg.pretrain.lr == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("pretrain.epoch=3", "unknown config key 'pretrain.epoch'"),
-    ("svd.shift_mean=mean", "must be one of"),
-    ("pretrain.epochs=three", "must be an integer"),
-    ("finetune.use_tmc=maybe", "true or false"),
-    ("pretrain=3", "is a section"),
-    ("noequals", "section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pretrain.epoch=3", "unknown config key 'pretrain.epoch'"),
+        ("svd.shift_mean=mean", "must be one of"),
+        ("pretrain.epochs=three", "must be an integer"),
+        ("finetune.use_tmc=maybe", "true or false"),
+        ("pretrain=3", "is a section"),
+        ("noequals", "section.key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(preset("cpu"), [override])

@@ -12,8 +12,20 @@ from pathlib import Path
 
 from tests.conftest import MILK
 
-SETTINGS = ["--preset", "smoke", "--labels", "0.2", "--seed", "3", "--set", "pretrain.epochs=3",
-            "--set", "finetune.epochs=3", "--set", "finetune.min_steps_per_epoch=3"]
+SETTINGS = [
+    "--preset",
+    "smoke",
+    "--labels",
+    "0.2",
+    "--seed",
+    "3",
+    "--set",
+    "pretrain.epochs=3",
+    "--set",
+    "finetune.epochs=3",
+    "--set",
+    "finetune.min_steps_per_epoch=3",
+]
 
 
 def _cmd(out: Path, *extra: str) -> list[str]:

@@ -48,6 +48,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -508,6 +509,20 @@ def select_cells(cells: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
 # ------------------------------------------------------------------------------------------------- planning
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so a reader never sees half a file (the bench's own
+    helper: mics.engine.checkpoint has one too, but importing it starts torch in the bench process)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def run_dir_of(out: Path, cell: Cell | str) -> Path:
     return Path(out) / "runs" / (cell if isinstance(cell, str) else cell.id)
 
@@ -626,19 +641,19 @@ def child_env(jobs: int) -> dict[str, str]:
     return env
 
 
+_ERROR_LINE = re.compile(r"^(error:|[\w.]*(Error|Exception|Interrupt)\b)")
+
+
 def _last_error(log: Path) -> str:
+    """The line of a cell's log that says why it failed: the CLI's ``error: ...`` message or the last
+    exception of a traceback (the log ends with the traceback of a crash)."""
     try:
-        lines = [
-            ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
-        ]
+        lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines()]
     except OSError:
         return "no log"
-    for ln in reversed(lines):
-        if ln.startswith(
-            ("error:", "RuntimeError", "ValueError", "Error", "AssertionError", "Traceback")
-        ) or re.match(r"^\w+(Error|Exception)\b", ln):
-            return ln[:300]
-    return lines[-1][:300] if lines else "empty log"
+    lines = [ln for ln in lines if ln]
+    found = next((ln for ln in reversed(lines) if _ERROR_LINE.match(ln)), lines[-1] if lines else "empty log")
+    return found[:300]
 
 
 class _State:
@@ -663,10 +678,8 @@ class _State:
         self.save()
 
     def save(self) -> None:
-        from mics.engine.checkpoint import atomic_write_json
-
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        atomic_write_json(self.path, self.data)
+        _write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
 def _check_data(tasks: Sequence[Task], grid: Grid) -> None:
@@ -868,13 +881,11 @@ def collect_rows(cells: Sequence[Cell], out: Path) -> list[dict[str, Any]]:
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    from mics.engine.checkpoint import atomic_write_text
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    _write_text(path, buf.getvalue())
     return path
 
 
@@ -1055,15 +1066,13 @@ def results_markdown(
 
 def write_results(grid: Grid, out: str | Path, cells: Sequence[Cell] | None = None) -> tuple[Path, Path]:
     """``results.csv`` and ``results.md`` from the finished cells of ``grid`` in ``out``."""
-    from mics.engine.checkpoint import atomic_write_text
-
     out = Path(out)
     cells = list(cells) if cells is not None else expand_cells(grid)
     rows = collect_rows(cells, out)
     missing = [c.id for c in cells if not (run_dir_of(out, c) / "metrics.json").exists()]
     csv_path = write_csv(rows, out / "results.csv")
     md_path = out / "results.md"
-    atomic_write_text(md_path, results_markdown(rows, grid, missing) + "\n")
+    _write_text(md_path, results_markdown(rows, grid, missing) + "\n")
     return csv_path, md_path
 
 

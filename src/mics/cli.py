@@ -12,14 +12,19 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
-from mics.config import ConfigError, RunConfig, apply_overrides, load_yaml, preset as preset_config
+from mics.config import ConfigError, RunConfig, apply_overrides, load_yaml
+from mics.config import preset as preset_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="MICS: multimodal semi-supervised medical image classification (and its baselines).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="MICS: multimodal semi-supervised medical image classification (and its baselines).",
+)
 
 _DEBUG = {"on": False}
 
@@ -35,21 +40,31 @@ class OutFormat(str, Enum):
     csv = "csv"
 
 
-DataOpt = Annotated[Path, typer.Option("--data", help="Image folder (class folders, paired layouts) or manifest CSV.")]
+DataOpt = Annotated[
+    Path, typer.Option("--data", help="Image folder (class folders, paired layouts) or manifest CSV.")
+]
 PairOpt = Annotated[str, typer.Option("--pair", help="auto | virtual-nbi | suffix:A,B | folders | manifest")]
 PresetOpt = Annotated[Preset, typer.Option("--preset", help="smoke (seconds) | cpu (minutes) | paper (GPUs)")]
-LabelsOpt = Annotated[float, typer.Option("--labels", help="Fraction of the training split that is labelled.")]
+LabelsOpt = Annotated[
+    float, typer.Option("--labels", help="Fraction of the training split that is labelled.")
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the split, the labelled subset and training.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder to create (or continue with --resume).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Config override section.key=value (repeat).")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config (e.g. a run's config.yaml).")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Config override section.key=value (repeat).")
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config (e.g. a run's config.yaml).")]
 SkipOpt = Annotated[bool, typer.Option("--skip-bad", help="Drop unreadable images instead of stopping.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps")]
 RunOpt = Annotated[Path, typer.Option("--run", help="An existing run folder.")]
 
 
-def _config(preset: Preset, config: Path | None, overrides: list[str] | None, device: str | None) -> RunConfig:
+def _config(
+    preset: Preset, config: Path | None, overrides: list[str] | None, device: str | None
+) -> RunConfig:
     cfg = load_yaml(config) if config is not None else preset_config(preset.value)
     extra = list(overrides or [])
     if device:
@@ -74,8 +89,13 @@ def _print_table(runs: dict[str, dict[str, Any]]) -> None:
         table.add_column(col, justify="right" if col != "method" else "left")
     for name, m in runs.items():
         t = m["test"]
-        table.add_row(name, f"{100 * t['top1']:.2f}", f"{100 * t['balanced_accuracy']:.2f}",
-                      f"{100 * t['macro_f1']:.2f}", str(m.get("wall_s", "")))
+        table.add_row(
+            name,
+            f"{100 * t['top1']:.2f}",
+            f"{100 * t['balanced_accuracy']:.2f}",
+            f"{100 * t['macro_f1']:.2f}",
+            str(m.get("wall_s", "")),
+        )
     Console(stderr=False).print(table)
 
 
@@ -85,12 +105,25 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 
 
 @app.command()
-def run(data: DataOpt, out: OutOpt, pair: PairOpt = "auto", preset: PresetOpt = Preset.cpu, labels: LabelsOpt = 0.1,
-        seed: SeedOpt = 0, resume: ResumeOpt = False, set_: SetOpt = None, config: ConfigOpt = None,
-        skip_bad: SkipOpt = False, device: DeviceOpt = None,
-        pretrained: Annotated[Optional[Path], typer.Option(
-            "--pretrained", help="Reuse another run's pre-training (its run folder or pretrain/ folder).")] = None,
-        ) -> None:
+def run(
+    data: DataOpt,
+    out: OutOpt,
+    pair: PairOpt = "auto",
+    preset: PresetOpt = Preset.cpu,
+    labels: LabelsOpt = 0.1,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = False,
+    set_: SetOpt = None,
+    config: ConfigOpt = None,
+    skip_bad: SkipOpt = False,
+    device: DeviceOpt = None,
+    pretrained: Annotated[
+        Path | None,
+        typer.Option(
+            "--pretrained", help="Reuse another run's pre-training (its run folder or pretrain/ folder)."
+        ),
+    ] = None,
+) -> None:
     """Whole MICS pipeline: split, pre-train, SVD, fine-tune with TMC, evaluate; writes RUN/metrics.json."""
     from mics import pipeline
     from mics.eval.report import write_report
@@ -98,8 +131,17 @@ def run(data: DataOpt, out: OutOpt, pair: PairOpt = "auto", preset: PresetOpt = 
     cfg = _config(preset, config, set_, device)
     if pretrained is not None and (pretrained / "pretrain").is_dir():
         pretrained = pretrained / "pretrain"
-    results = pipeline.run(data, out, pair=pair, cfg=cfg, labels=labels, seed=seed, skip_bad=skip_bad,
-                           resume=resume, pretrained=pretrained)
+    results = pipeline.run(
+        data,
+        out,
+        pair=pair,
+        cfg=cfg,
+        labels=labels,
+        seed=seed,
+        skip_bad=skip_bad,
+        resume=resume,
+        pretrained=pretrained,
+    )
     meta = json.loads((out / "run.json").read_text(encoding="utf-8"))
     meta["machine"] = pipeline.machine_description()
     write_report(out, {"mics": results}, meta, _command())
@@ -123,10 +165,14 @@ def svd(run_dir: RunOpt) -> None:
 
 
 @app.command()
-def finetune(run_dir: RunOpt, resume: ResumeOpt = False,
-             labels: Annotated[Optional[float], typer.Option(
-                 "--labels", help="Fine-tune at another label ratio (same split, same pre-training).")] = None,
-             ) -> None:
+def finetune(
+    run_dir: RunOpt,
+    resume: ResumeOpt = False,
+    labels: Annotated[
+        float | None,
+        typer.Option("--labels", help="Fine-tune at another label ratio (same split, same pre-training)."),
+    ] = None,
+) -> None:
     """Stage 3 only: fusion fine-tuning (and evaluation) of a run folder."""
     from mics import pipeline
 
@@ -153,29 +199,60 @@ def evaluate(run_dir: RunOpt) -> None:
 
 
 @app.command()
-def baseline(method: Annotated[str, typer.Option(
-                 "--method", help="supervised | fixmatch | flexmatch | dash | freematch | softmatch | habit | siabc")],
-             data: DataOpt, out: OutOpt,
-             way: Annotated[str, typer.Option("--way", help="standard | multimodal")] = "standard",
-             pair: PairOpt = "auto", preset: PresetOpt = Preset.cpu, labels: LabelsOpt = 0.1, seed: SeedOpt = 0,
-             resume: ResumeOpt = False, set_: SetOpt = None, config: ConfigOpt = None, skip_bad: SkipOpt = False,
-             device: DeviceOpt = None) -> None:
+def baseline(
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="supervised | fixmatch | flexmatch | dash | freematch | softmatch | habit | siabc",
+        ),
+    ],
+    data: DataOpt,
+    out: OutOpt,
+    way: Annotated[str, typer.Option("--way", help="standard | multimodal")] = "standard",
+    pair: PairOpt = "auto",
+    preset: PresetOpt = Preset.cpu,
+    labels: LabelsOpt = 0.1,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = False,
+    set_: SetOpt = None,
+    config: ConfigOpt = None,
+    skip_bad: SkipOpt = False,
+    device: DeviceOpt = None,
+) -> None:
     """A semi-supervised baseline on MICS's split, backbone and budget; writes RUN/metrics.json."""
     from mics import pipeline
 
     cfg = _config(preset, config, set_, device)
-    results = pipeline.baseline(data, out, method=method, way=way, pair=pair, cfg=cfg, labels=labels, seed=seed,
-                                skip_bad=skip_bad, resume=resume)
+    results = pipeline.baseline(
+        data,
+        out,
+        method=method,
+        way=way,
+        pair=pair,
+        cfg=cfg,
+        labels=labels,
+        seed=seed,
+        skip_bad=skip_bad,
+        resume=resume,
+    )
     _print_table({f"{method} ({way})": results})
 
 
 @app.command()
-def predict(run_dir: RunOpt, images: Annotated[list[Path], typer.Argument(help="Modality-A (WLI) images.")],
-            partner: Annotated[Optional[list[Path]], typer.Option(
-                "--partner", help="Partner (NBI / second modality) images, in the same order; generated if absent."
-            )] = None,
-            fmt: Annotated[OutFormat, typer.Option("--format", help="json | csv")] = OutFormat.json,
-            device: DeviceOpt = None) -> None:
+def predict(
+    run_dir: RunOpt,
+    images: Annotated[list[Path], typer.Argument(help="Modality-A (WLI) images.")],
+    partner: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--partner",
+            help="Partner (NBI / second modality) images, in the same order; generated if absent.",
+        ),
+    ] = None,
+    fmt: Annotated[OutFormat, typer.Option("--format", help="json | csv")] = OutFormat.json,
+    device: DeviceOpt = None,
+) -> None:
     """Class, class probabilities and TMC uncertainty for each image (bad images get an error entry)."""
     from mics.predict import predict_files, to_csv
 
@@ -194,29 +271,42 @@ def _repo_sample() -> Path:
 
 
 @app.command()
-def demo(out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs and report.")] = Path("runs/demo"),
-         data: Annotated[Optional[Path], typer.Option("--data", help="Defaults to the bundled real sample.")] = None,
-         labels: LabelsOpt = 0.1, seed: SeedOpt = 0, preset: PresetOpt = Preset.cpu, set_: SetOpt = None,
-         resume: ResumeOpt = False) -> None:
-    """MICS vs supervised-only on the real sample bundled in the repository; prints a table, writes a report."""
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs and report.")] = Path(
+        "runs/demo"
+    ),
+    data: Annotated[Path | None, typer.Option("--data", help="Defaults to the bundled real sample.")] = None,
+    labels: LabelsOpt = 0.1,
+    seed: SeedOpt = 0,
+    preset: PresetOpt = Preset.cpu,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """MICS vs supervised-only on the real sample bundled in the repository; prints a table and
+    writes a report."""
     from mics import pipeline
     from mics.eval.report import write_report
 
     data = data or _repo_sample()
     if not data.is_dir():
-        raise pipeline.RunError(f"the bundled sample {data} is missing; run from the repository root or pass --data")
+        raise pipeline.RunError(
+            f"the bundled sample {data} is missing; run from the repository root or pass --data"
+        )
     cfg = _config(preset, None, set_, None)
     start = time.time()
     runs = {"mics": pipeline.run(data, out / "mics", cfg=cfg, labels=labels, seed=seed, resume=resume)}
-    runs["supervised"] = pipeline.baseline(data, out / "supervised", method="supervised", cfg=cfg, labels=labels,
-                                           seed=seed, resume=resume)
+    runs["supervised"] = pipeline.baseline(
+        data, out / "supervised", method="supervised", cfg=cfg, labels=labels, seed=seed, resume=resume
+    )
     meta = json.loads((out / "mics" / "run.json").read_text(encoding="utf-8"))
     meta["machine"] = pipeline.machine_description()
     report = write_report(out, runs, meta, _command())
     _print_table(runs)
     gain = report["results"]["mics"]["top1"] - report["results"]["supervised"]["top1"]
-    typer.echo(f"MICS vs supervised-only: {100 * gain:+.2f} top-1 points; total {time.time() - start:.0f} s; "
-               f"report: {out / 'report.md'}")
+    typer.echo(
+        f"MICS vs supervised-only: {100 * gain:+.2f} top-1 points; total {time.time() - start:.0f} s; "
+        f"report: {out / 'report.md'}"
+    )
 
 
 @app.command()
@@ -246,7 +336,12 @@ def bench(
         return
     try:
         result = bench_mod.run_bench(
-            spec, out, jobs=jobs, only=only or [], overrides=set_ or [], data_paths=data_paths,
+            spec,
+            out,
+            jobs=jobs,
+            only=only or [],
+            overrides=set_ or [],
+            data_paths=data_paths,
             command=_command(),
         )
     except KeyboardInterrupt:
@@ -283,7 +378,7 @@ def main() -> None:
     from mics.pipeline import RunError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except (DataError, RunError, ConfigError, CheckpointError, NonFiniteLossError) as err:
         if _DEBUG["on"]:
             raise
@@ -303,6 +398,10 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(1)
         raise
+    if code == 130:
+        typer.secho("interrupted; continue with --resume", fg=typer.colors.YELLOW, err=True)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

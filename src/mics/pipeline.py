@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from mics import __version__
-from mics.config import RunConfig, dump_yaml, load_yaml, preset as preset_config
+from mics.config import RunConfig, dump_yaml, load_yaml
+from mics.config import preset as preset_config
 from mics.data.cache import load_arrays
 from mics.data.errors import DataError
 from mics.data.layouts import ImageSet, discover
@@ -71,8 +72,13 @@ class RunContext:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -83,9 +89,18 @@ def machine_description() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}"
 
 
-def init_run(data: str | Path, run_dir: str | Path, *, pair: str = "auto", cfg: RunConfig | None = None,
-             labels: float = 0.1, seed: int | None = None, skip_bad: bool = False, resume: bool = False,
-             method: str = "mics") -> RunContext:
+def init_run(
+    data: str | Path,
+    run_dir: str | Path,
+    *,
+    pair: str = "auto",
+    cfg: RunConfig | None = None,
+    labels: float = 0.1,
+    seed: int | None = None,
+    skip_bad: bool = False,
+    resume: bool = False,
+    method: str = "mics",
+) -> RunContext:
     """Create (or, with ``resume``, reopen) a run folder for ``data`` and load everything stages need."""
     run_dir = Path(run_dir)
     cfg = cfg or preset_config("cpu")
@@ -114,23 +129,49 @@ def init_run(data: str | Path, run_dir: str | Path, *, pair: str = "auto", cfg: 
     if split_path.exists():
         split = load_split(split_path, images)
     else:
-        split = make_split(images.labels(), images.groups(), seed=cfg.seed, fractions=cfg.data.split,
-                           class_names=images.classes)
+        split = make_split(
+            images.labels(),
+            images.groups(),
+            seed=cfg.seed,
+            fractions=cfg.data.split,
+            class_names=images.classes,
+        )
         if dist.is_main():
             save_split(split, images, split_path)
     labelled = labelled_subset(images.labels(), split.train, labels, seed=cfg.seed)
     if dist.is_main():
         dump_yaml(cfg, run_dir / "config.yaml")
-        atomic_write_json(run_dir / "labelled.json", {
-            "ratio": labels, "seed": cfg.seed, "indices": list(labelled),
-            "paths": [str(images.samples[i].path_a.relative_to(images.root)) for i in labelled]})
+        atomic_write_json(
+            run_dir / "labelled.json",
+            {
+                "ratio": labels,
+                "seed": cfg.seed,
+                "indices": list(labelled),
+                "paths": [str(images.samples[i].path_a.relative_to(images.root)) for i in labelled],
+            },
+        )
         if not existing.exists():
-            atomic_write_json(existing, {
-                "method": method, "data": str(Path(data).resolve()), "pair": images.pair_mode,
-                "classes": list(images.classes), "modalities": list(images.modalities), "labels": labels,
-                "seed": cfg.seed, "preset": cfg.preset, "mics_version": __version__, "git_commit": git_commit(),
-                "n_samples": len(images), "n_train": len(split.train), "n_val": len(split.val),
-                "n_test": len(split.test), "n_labelled": len(labelled), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            atomic_write_json(
+                existing,
+                {
+                    "method": method,
+                    "data": str(Path(data).resolve()),
+                    "pair": images.pair_mode,
+                    "classes": list(images.classes),
+                    "modalities": list(images.modalities),
+                    "labels": labels,
+                    "seed": cfg.seed,
+                    "preset": cfg.preset,
+                    "mics_version": __version__,
+                    "git_commit": git_commit(),
+                    "n_samples": len(images),
+                    "n_train": len(split.train),
+                    "n_val": len(split.val),
+                    "n_test": len(split.test),
+                    "n_labelled": len(labelled),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+            )
     device = resolve_device(cfg.device)
     dist.init_from_env(device)
     generator = get_generator(cfg.data.generator)
@@ -146,8 +187,15 @@ def open_run(run_dir: str | Path) -> RunContext:
     if not meta_path.exists():
         raise RunError(f"{run_dir} is not a run folder (no run.json); create one with 'mics run'")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    return init_run(meta["data"], run_dir, pair=meta["pair"], cfg=load_yaml(run_dir / "config.yaml"),
-                    labels=float(meta["labels"]), resume=True, method=meta.get("method", "mics"))
+    return init_run(
+        meta["data"],
+        run_dir,
+        pair=meta["pair"],
+        cfg=load_yaml(run_dir / "config.yaml"),
+        labels=float(meta["labels"]),
+        resume=True,
+        method=meta.get("method", "mics"),
+    )
 
 
 def _steps(n: int, batch: int, drop_last: bool) -> int:
@@ -173,24 +221,50 @@ def pretrain(ctx: RunContext, resume: bool = False) -> Path:
     train = np.asarray(ctx.split.train)
     world = dist.world_size()
     if cfg.pretrain.batch_size % world:
-        raise RunError(f"pretrain.batch_size {cfg.pretrain.batch_size} must be divisible by {world} processes")
+        raise RunError(
+            f"pretrain.batch_size {cfg.pretrain.batch_size} must be divisible by {world} processes"
+        )
     if len(train) < cfg.pretrain.batch_size:
-        raise RunError(f"pre-training needs at least pretrain.batch_size={cfg.pretrain.batch_size} training pairs, "
-                       f"the split has {len(train)}; lower pretrain.batch_size")
+        raise RunError(
+            f"pre-training needs at least pretrain.batch_size={cfg.pretrain.batch_size} training pairs, "
+            f"the split has {len(train)}; lower pretrain.batch_size"
+        )
     seed_all(cfg.seed)
-    model = SynergisticPretraining(cfg.model, cfg.pretrain, cfg.data.image_size, len(train), cfg.pretrain.batch_size)
+    model = SynergisticPretraining(
+        cfg.model, cfg.pretrain, cfg.data.image_size, len(train), cfg.pretrain.batch_size
+    )
     spe = pretrain_steps_per_epoch(cfg, len(train))
-    schedule = Schedule(cfg.pretrain.epochs, spe, cfg.pretrain.lr, cfg.pretrain.min_lr, cfg.pretrain.weight_decay,
-                        warmup_steps=cfg.pretrain.warmup_epochs * spe)
-    batches = pair_batches(ctx.arrays_a, ctx.arrays_b, train, cfg.pretrain.batch_size // world, ctx.device,
-                           seed=cfg.seed)
+    schedule = Schedule(
+        cfg.pretrain.epochs,
+        spe,
+        cfg.pretrain.lr,
+        cfg.pretrain.min_lr,
+        cfg.pretrain.weight_decay,
+        warmup_steps=cfg.pretrain.warmup_epochs * spe,
+    )
+    batches = pair_batches(
+        ctx.arrays_a, ctx.arrays_b, train, cfg.pretrain.batch_size // world, ctx.device, seed=cfg.seed
+    )
     logger = MetricsLogger(ctx.run_dir)
-    fit(model, batches, schedule, stage="pretrain", seed=cfg.seed, device=ctx.device, ckpt_dir=out, logger=logger,
-        precision=cfg.precision, resume=resume)
+    fit(
+        model,
+        batches,
+        schedule,
+        stage="pretrain",
+        seed=cfg.seed,
+        device=ctx.device,
+        ckpt_dir=out,
+        logger=logger,
+        precision=cfg.precision,
+        resume=resume,
+    )
     logger.close()
     if dist.is_main():
-        save_checkpoint(final, {"enc_a": model.enc_a.state_dict(), "enc_b": model.enc_b.state_dict()},
-                        info={"stage": "pretrain", "epochs": cfg.pretrain.epochs})
+        save_checkpoint(
+            final,
+            {"enc_a": model.enc_a.state_dict(), "enc_b": model.enc_b.state_dict()},
+            info={"stage": "pretrain", "epochs": cfg.pretrain.epochs},
+        )
     dist.barrier()
     return final
 
@@ -217,8 +291,15 @@ def build_svd(ctx: RunContext, resume: bool = False, pretrained: Path | None = N
         d = build_dictionary(feats, ctx.num_classes, cfg.svd, seed=cfg.seed)
         state[which] = {"prototypes": d.prototypes, "shifts": d.shifts}
     if dist.is_main():
-        save_checkpoint(out, state, info={"stage": "svd", "clusters": ctx.num_classes,
-                                          "shifts_per_cluster": cfg.svd.shifts_per_cluster})
+        save_checkpoint(
+            out,
+            state,
+            info={
+                "stage": "svd",
+                "clusters": ctx.num_classes,
+                "shifts_per_cluster": cfg.svd.shifts_per_cluster,
+            },
+        )
     dist.barrier()
     return out
 
@@ -227,26 +308,37 @@ def build_finetune_model(ctx: RunContext) -> FusionFinetuning:
     cfg = ctx.cfg
     model = FusionFinetuning(cfg.model, cfg.finetune, cfg.svd, cfg.data.image_size, ctx.num_classes)
     if cfg.finetune.use_svd:
-        model.set_dictionaries(ShiftDictionary(torch.zeros(ctx.num_classes, cfg.model.width),
-                                               torch.zeros(ctx.num_classes, cfg.svd.shifts_per_cluster,
-                                                           cfg.model.width)),
-                               ShiftDictionary(torch.zeros(ctx.num_classes, cfg.model.width),
-                                               torch.zeros(ctx.num_classes, cfg.svd.shifts_per_cluster,
-                                                           cfg.model.width)) if cfg.finetune.use_nbi else None)
+        model.set_dictionaries(
+            ShiftDictionary(
+                torch.zeros(ctx.num_classes, cfg.model.width),
+                torch.zeros(ctx.num_classes, cfg.svd.shifts_per_cluster, cfg.model.width),
+            ),
+            ShiftDictionary(
+                torch.zeros(ctx.num_classes, cfg.model.width),
+                torch.zeros(ctx.num_classes, cfg.svd.shifts_per_cluster, cfg.model.width),
+            )
+            if cfg.finetune.use_nbi
+            else None,
+        )
     return model
 
 
 @torch.no_grad()
-def predict_arrays(model: FusionFinetuning, arrays_a: np.ndarray, arrays_b: np.ndarray | None,
-                   indices: np.ndarray, device: torch.device, batch_size: int = 128
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict_arrays(
+    model: FusionFinetuning,
+    arrays_a: np.ndarray,
+    arrays_b: np.ndarray | None,
+    indices: np.ndarray,
+    device: torch.device,
+    batch_size: int = 128,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """probs [n, C], uncertainty [n], features [n, D] for the selected samples (no augmentation)."""
     from mics.data.views import to_float
 
     model.eval()
     probs, unc, feats = [], [], []
     for start in range(0, len(indices), batch_size):
-        sel = np.asarray(indices[start:start + batch_size])
+        sel = np.asarray(indices[start : start + batch_size])
         a = to_float(torch.from_numpy(np.ascontiguousarray(arrays_a[sel])).to(device))
         b = None
         if arrays_b is not None and model.cfg.use_nbi:
@@ -276,14 +368,31 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
         model.enc_b.load_state_dict(encoders["enc_b"])
     if cfg.finetune.use_svd:
         svd_state, _ = load_checkpoint(ctx.run_dir / "svd" / "dictionary")
-        model.set_dictionaries(ShiftDictionary(**svd_state["a"]), ShiftDictionary(**svd_state["b"])
-                               if cfg.finetune.use_nbi else None)
+        model.set_dictionaries(
+            ShiftDictionary(**svd_state["a"]),
+            ShiftDictionary(**svd_state["b"]) if cfg.finetune.use_nbi else None,
+        )
     labelled = np.asarray(ctx.labelled)
     spe = finetune_steps_per_epoch(cfg, len(labelled))
-    schedule = Schedule(cfg.finetune.epochs, spe, cfg.finetune.lr, cfg.finetune.min_lr, cfg.finetune.weight_decay,
-                        warmup_steps=cfg.finetune.warmup_epochs * spe, ema=cfg.finetune.ema)
-    batches = labelled_batches(ctx.arrays_a, ctx.arrays_b if cfg.finetune.use_nbi else None, ctx.labels, labelled,
-                               cfg.finetune.batch_size // dist.world_size(), spe, ctx.device, seed=cfg.seed)
+    schedule = Schedule(
+        cfg.finetune.epochs,
+        spe,
+        cfg.finetune.lr,
+        cfg.finetune.min_lr,
+        cfg.finetune.weight_decay,
+        warmup_steps=cfg.finetune.warmup_epochs * spe,
+        ema=cfg.finetune.ema,
+    )
+    batches = labelled_batches(
+        ctx.arrays_a,
+        ctx.arrays_b if cfg.finetune.use_nbi else None,
+        ctx.labels,
+        labelled,
+        cfg.finetune.batch_size // dist.world_size(),
+        spe,
+        ctx.device,
+        seed=cfg.seed,
+    )
     val = np.asarray(ctx.split.val)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
@@ -292,16 +401,32 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
         return {"score": met["top1"], "top1": met["top1"], "balanced_accuracy": met["balanced_accuracy"]}
 
     logger = MetricsLogger(ctx.run_dir)
-    result = fit(model, batches, schedule, stage="finetune", seed=cfg.seed, device=ctx.device, ckpt_dir=out,
-                 logger=logger, evaluate=evaluate, eval_every=cfg.eval_every, precision=cfg.precision, resume=resume)
+    result = fit(
+        model,
+        batches,
+        schedule,
+        stage="finetune",
+        seed=cfg.seed,
+        device=ctx.device,
+        ckpt_dir=out,
+        logger=logger,
+        evaluate=evaluate,
+        eval_every=cfg.eval_every,
+        precision=cfg.precision,
+        resume=resume,
+    )
     logger.close()
     if dist.is_main():
-        atomic_write_json(out / "done.json", {"best_epoch": result.best_epoch, "best_val_top1": result.best_score})
+        atomic_write_json(
+            out / "done.json", {"best_epoch": result.best_epoch, "best_val_top1": result.best_score}
+        )
     dist.barrier()
     return out / "best"
 
 
-def load_finetuned(run_dir: Path, device: torch.device | None = None) -> tuple[FusionFinetuning, dict[str, Any]]:
+def load_finetuned(
+    run_dir: Path, device: torch.device | None = None
+) -> tuple[FusionFinetuning, dict[str, Any]]:
     """The selected fine-tuned model of a run folder, for evaluation and prediction."""
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
@@ -313,7 +438,10 @@ def load_finetuned(run_dir: Path, device: torch.device | None = None) -> tuple[F
     if cfg.finetune.use_svd:
         model.set_dictionaries(
             ShiftDictionary(weights["svd_a_prototypes"], weights["svd_a_shifts"]),
-            ShiftDictionary(weights["svd_b_prototypes"], weights["svd_b_shifts"]) if cfg.finetune.use_nbi else None)
+            ShiftDictionary(weights["svd_b_prototypes"], weights["svd_b_shifts"])
+            if cfg.finetune.use_nbi
+            else None,
+        )
     model.load_state_dict(weights)
     return model.to(device).eval(), {"meta": meta, "cfg": cfg}
 
@@ -336,12 +464,24 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
     return results
 
 
-def run(data: str | Path, run_dir: str | Path, *, pair: str = "auto", cfg: RunConfig | None = None,
-        labels: float = 0.1, seed: int | None = None, skip_bad: bool = False, resume: bool = False,
-        pretrained: str | Path | None = None) -> dict[str, Any]:
-    """The whole MICS pipeline: split, pre-train (or reuse ``pretrained`` encoders), SVD, fine-tune, evaluate."""
+def run(
+    data: str | Path,
+    run_dir: str | Path,
+    *,
+    pair: str = "auto",
+    cfg: RunConfig | None = None,
+    labels: float = 0.1,
+    seed: int | None = None,
+    skip_bad: bool = False,
+    resume: bool = False,
+    pretrained: str | Path | None = None,
+) -> dict[str, Any]:
+    """The whole MICS pipeline: split, pre-train (or reuse ``pretrained`` encoders), SVD, fine-tune,
+    evaluate."""
     start = time.time()
-    ctx = init_run(data, run_dir, pair=pair, cfg=cfg, labels=labels, seed=seed, skip_bad=skip_bad, resume=resume)
+    ctx = init_run(
+        data, run_dir, pair=pair, cfg=cfg, labels=labels, seed=seed, skip_bad=skip_bad, resume=resume
+    )
     encoders = Path(pretrained) if pretrained else None
     if encoders is not None and encoders.is_dir():
         encoders = encoders / "encoders"
@@ -361,9 +501,19 @@ BASELINE_METHODS = ("supervised", "fixmatch", "flexmatch", "dash", "freematch", 
 WAYS = ("standard", "multimodal")
 
 
-def baseline(data: str | Path, run_dir: str | Path, *, method: str, way: str = "standard", pair: str = "auto",
-             cfg: RunConfig | None = None, labels: float = 0.1, seed: int | None = None, skip_bad: bool = False,
-             resume: bool = False) -> dict[str, Any]:
+def baseline(
+    data: str | Path,
+    run_dir: str | Path,
+    *,
+    method: str,
+    way: str = "standard",
+    pair: str = "auto",
+    cfg: RunConfig | None = None,
+    labels: float = 0.1,
+    seed: int | None = None,
+    skip_bad: bool = False,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Train one semi-supervised baseline on the same split and budget as MICS; writes ``metrics.json``."""
     from mics.methods.baseline import SSLTraining, ssl_batches, ssl_iterations
     from mics.methods.ssl import build_algorithm
@@ -373,8 +523,17 @@ def baseline(data: str | Path, run_dir: str | Path, *, method: str, way: str = "
     if way not in WAYS:
         raise RunError(f"unknown way {way!r}; choose 'standard' or 'multimodal'")
     start = time.time()
-    ctx = init_run(data, run_dir, pair=pair, cfg=cfg, labels=labels, seed=seed, skip_bad=skip_bad, resume=resume,
-                   method=f"{method}/{way}")
+    ctx = init_run(
+        data,
+        run_dir,
+        pair=pair,
+        cfg=cfg,
+        labels=labels,
+        seed=seed,
+        skip_bad=skip_bad,
+        resume=resume,
+        method=f"{method}/{way}",
+    )
     cfg = ctx.cfg
     out = ctx.run_dir / "baseline"
     train, labelled = np.asarray(ctx.split.train), np.asarray(ctx.labelled)
@@ -386,10 +545,28 @@ def baseline(data: str | Path, run_dir: str | Path, *, method: str, way: str = "
     seed_all(cfg.seed)
     algorithm = build_algorithm(method, ctx.num_classes, len(unlabelled), cfg.ssl)
     model = SSLTraining(cfg.model, cfg.data.image_size, ctx.num_classes, algorithm)
-    schedule = Schedule(epochs, spe, cfg.ssl.lr, cfg.ssl.min_lr, cfg.ssl.weight_decay,
-                        warmup_steps=min(cfg.ssl.warmup_iterations, epochs * spe), ema=cfg.ssl.ema)
-    batches = ssl_batches(ctx.arrays_a, ctx.arrays_b, ctx.labels, labelled, unlabelled, cfg.ssl, way,  # type: ignore[arg-type]
-                          spe, ctx.device, seed=cfg.seed, use_unlabelled=method != "supervised")
+    schedule = Schedule(
+        epochs,
+        spe,
+        cfg.ssl.lr,
+        cfg.ssl.min_lr,
+        cfg.ssl.weight_decay,
+        warmup_steps=min(cfg.ssl.warmup_iterations, epochs * spe),
+        ema=cfg.ssl.ema,
+    )
+    batches = ssl_batches(
+        ctx.arrays_a,
+        ctx.arrays_b,
+        ctx.labels,
+        labelled,
+        unlabelled,
+        cfg.ssl,
+        way,  # type: ignore[arg-type]
+        spe,
+        ctx.device,
+        seed=cfg.seed,
+        use_unlabelled=method != "supervised",
+    )
     val = np.asarray(ctx.split.val)
 
     def predict(m: torch.nn.Module, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -399,7 +576,9 @@ def baseline(data: str | Path, run_dir: str | Path, *, method: str, way: str = "
         probs, feats = [], []
         with torch.no_grad():
             for s in range(0, len(idx), 128):
-                x = to_float(torch.from_numpy(np.ascontiguousarray(ctx.arrays_a[idx[s:s + 128]])).to(ctx.device))
+                x = to_float(
+                    torch.from_numpy(np.ascontiguousarray(ctx.arrays_a[idx[s : s + 128]])).to(ctx.device)
+                )
                 p, f = m.predict(x)  # type: ignore[operator]
                 probs.append(p.cpu().numpy())
                 feats.append(f.cpu().numpy())
@@ -412,9 +591,21 @@ def baseline(data: str | Path, run_dir: str | Path, *, method: str, way: str = "
         return {"score": met["top1"], "top1": met["top1"], "balanced_accuracy": met["balanced_accuracy"]}
 
     logger = MetricsLogger(ctx.run_dir)
-    result = fit(model, batches, schedule, stage=f"{method}-{way}", seed=cfg.seed, device=ctx.device, ckpt_dir=out,
-                 logger=logger, evaluate=evaluate_val, eval_every=cfg.eval_every, precision=cfg.precision,
-                 resume=resume, extra=algorithm)
+    result = fit(
+        model,
+        batches,
+        schedule,
+        stage=f"{method}-{way}",
+        seed=cfg.seed,
+        device=ctx.device,
+        ckpt_dir=out,
+        logger=logger,
+        evaluate=evaluate_val,
+        eval_every=cfg.eval_every,
+        precision=cfg.precision,
+        resume=resume,
+        extra=algorithm,
+    )
     logger.close()
     results: dict[str, Any] = {}
     for name in ("val", "test"):
@@ -423,8 +614,15 @@ def baseline(data: str | Path, run_dir: str | Path, *, method: str, way: str = "
         results[name] = classification_metrics(ctx.labels[idx], probs, ctx.images.classes)
         if name == "test" and dist.is_main():
             np.savez_compressed(ctx.run_dir / "test_features.npz", features=feats, labels=ctx.labels[idx])
-    results.update(method=method, way=way, labels=ctx.labels_ratio, seed=cfg.seed, iterations=total,
-                   best_epoch=result.best_epoch, wall_s=round(time.time() - start, 1))
+    results.update(
+        method=method,
+        way=way,
+        labels=ctx.labels_ratio,
+        seed=cfg.seed,
+        iterations=total,
+        best_epoch=result.best_epoch,
+        wall_s=round(time.time() - start, 1),
+    )
     if dist.is_main():
         atomic_write_json(ctx.run_dir / "metrics.json", results)
     return results

@@ -31,17 +31,27 @@ def _decode(path: Path, size: int) -> np.ndarray:
     return square_resize(load_rgb(path, draft_size=size), size)
 
 
-def predict_files(run_dir: str | Path, images: Sequence[Path], partners: Sequence[Path] | None = None,
-                  device: str | None = None, batch_size: int = 64) -> list[dict[str, Any]]:
-    """One dict per input: ``image``, ``partner``, ``class``, ``probabilities``, ``uncertainty`` or ``error``."""
+def predict_files(
+    run_dir: str | Path,
+    images: Sequence[Path],
+    partners: Sequence[Path] | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """One dict per input: ``image``, ``partner``, ``class``, ``probabilities``, ``uncertainty``
+    (or ``error``)."""
     from mics.pipeline import RunError, load_finetuned
 
     run_dir = Path(run_dir)
     if not (run_dir / "finetune" / "best.json").exists():
-        raise RunError(f"{run_dir} has no fine-tuned model (finetune/best); finish the run with 'mics run' first")
+        raise RunError(
+            f"{run_dir} has no fine-tuned model (finetune/best); finish the run with 'mics run' first"
+        )
     if partners and len(partners) != len(images):
-        raise DataError(f"got {len(images)} images but {len(partners)} --partner images; give one partner per image "
-                        "or none (then the partner is generated as in training)")
+        raise DataError(
+            f"got {len(images)} images but {len(partners)} --partner images; give one partner per image "
+            "or none (then the partner is generated as in training)"
+        )
     model, loaded = load_finetuned(run_dir, resolve_device(device or "auto"))
     cfg, meta = loaded["cfg"], loaded["meta"]
     classes: list[str] = meta["classes"]
@@ -49,8 +59,9 @@ def predict_files(run_dir: str | Path, images: Sequence[Path], partners: Sequenc
     generator = get_generator(cfg.data.generator)
     paired_data = meta.get("pair", "virtual-nbi") != "virtual-nbi"
     if paired_data and not partners and cfg.finetune.use_nbi:
-        raise DataError(f"this model was trained on real pairs ({meta['pair']}): give each image's partner with "
-                        "--partner")
+        raise DataError(
+            f"this model was trained on real pairs ({meta['pair']}): give each image's partner with --partner"
+        )
     rows: list[dict[str, Any]] = []
     ready: list[tuple[int, np.ndarray, np.ndarray]] = []
     for i, path in enumerate(images):
@@ -65,15 +76,19 @@ def predict_files(run_dir: str | Path, images: Sequence[Path], partners: Sequenc
         ready.append((i, a, b))
     device_t = next(model.parameters()).device
     for start in range(0, len(ready), batch_size):
-        chunk = ready[start:start + batch_size]
-        a = torch.from_numpy(np.stack([c[1] for c in chunk])).permute(0, 3, 1, 2).contiguous().to(device_t)
-        b = torch.from_numpy(np.stack([c[2] for c in chunk])).permute(0, 3, 1, 2).contiguous().to(device_t)
-        pred = model.predict(to_float(a), to_float(b) if cfg.finetune.use_nbi else None)
+        chunk = ready[start : start + batch_size]
+        xa = torch.from_numpy(np.stack([c[1] for c in chunk])).permute(0, 3, 1, 2).contiguous().to(device_t)
+        xb = torch.from_numpy(np.stack([c[2] for c in chunk])).permute(0, 3, 1, 2).contiguous().to(device_t)
+        pred = model.predict(to_float(xa), to_float(xb) if cfg.finetune.use_nbi else None)
         for j, (i, _, _) in enumerate(chunk):
             probs = pred.probs[j].cpu().tolist()
-            rows[i].update({"class": classes[int(np.argmax(probs))],
-                            "probabilities": {c: round(p, 6) for c, p in zip(classes, probs, strict=True)},
-                            "uncertainty": round(float(pred.uncertainty[j]), 6)})
+            rows[i].update(
+                {
+                    "class": classes[int(np.argmax(probs))],
+                    "probabilities": {c: round(p, 6) for c, p in zip(classes, probs, strict=True)},
+                    "uncertainty": round(float(pred.uncertainty[j]), 6),
+                }
+            )
     return rows
 
 
@@ -85,8 +100,16 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer.writerow(["image", "partner", "class", "uncertainty", *[f"p_{c}" for c in classes], "error"])
     for r in rows:
         probs = r.get("probabilities", {})
-        writer.writerow([r["image"], r.get("partner") or "", r.get("class", ""), r.get("uncertainty", ""),
-                         *[probs.get(c, "") for c in classes], r.get("error", "")])
+        writer.writerow(
+            [
+                r["image"],
+                r.get("partner") or "",
+                r.get("class", ""),
+                r.get("uncertainty", ""),
+                *[probs.get(c, "") for c in classes],
+                r.get("error", ""),
+            ]
+        )
     return buf.getvalue()
 
 

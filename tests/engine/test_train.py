@@ -55,14 +55,27 @@ def _batches(epoch, generator):
 def _fit(tmp_path, epochs, resume=False, model=None):
     torch.manual_seed(0)
     model = model or _Toy()
-    s = Schedule(epochs=epochs, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1, ema=0.9)
-    res = fit(model, _batches, s, stage="toy", seed=0, device=torch.device("cpu"), ckpt_dir=tmp_path,
-              logger=MetricsLogger(None), evaluate=lambda m: {"score": -float(m.lin.bias.abs())}, resume=resume)
+    s = Schedule(
+        epochs=epochs, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1, ema=0.9
+    )
+    res = fit(
+        model,
+        _batches,
+        s,
+        stage="toy",
+        seed=0,
+        device=torch.device("cpu"),
+        ckpt_dir=tmp_path,
+        logger=MetricsLogger(None),
+        evaluate=lambda m: {"score": -float(m.lin.bias.abs())},
+        resume=resume,
+    )
     return model, res
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     full, _ = _fit(tmp_path / "full", epochs=4)
+
     # "kill" after 2 epochs: train a 4-epoch schedule but stop by raising inside epoch 3
     class Stop(Exception):
         pass
@@ -75,8 +88,17 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     torch.manual_seed(0)
     s = Schedule(epochs=4, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1, ema=0.9)
     with pytest.raises(Stop):
-        fit(_Toy(), stopping, s, stage="toy", seed=0, device=torch.device("cpu"), ckpt_dir=tmp_path / "cut",
-            logger=MetricsLogger(None), evaluate=lambda m: {"score": -float(m.lin.bias.abs())})
+        fit(
+            _Toy(),
+            stopping,
+            s,
+            stage="toy",
+            seed=0,
+            device=torch.device("cpu"),
+            ckpt_dir=tmp_path / "cut",
+            logger=MetricsLogger(None),
+            evaluate=lambda m: {"score": -float(m.lin.bias.abs())},
+        )
     resumed, _ = _fit(tmp_path / "cut", epochs=4, resume=True)
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)

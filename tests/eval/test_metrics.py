@@ -10,7 +10,9 @@ def test_metrics_on_a_hand_computed_example():
     y = [0, 0, 0, 1, 1, 2]
     pred = [0, 0, 1, 1, 1, 0]
     probs = np.eye(3)[pred] * 0.7 + 0.1
-    m = classification_metrics(y, probs, ["a", "b", "c"], uncertainty=np.array([0.1, 0.1, 0.9, 0.2, 0.2, 0.8]))
+    m = classification_metrics(
+        y, probs, ["a", "b", "c"], uncertainty=np.array([0.1, 0.1, 0.9, 0.2, 0.2, 0.8])
+    )
     assert m["top1"] == pytest.approx(4 / 6)
     assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0) / 3)
     # F1: a: p=2/3 r=2/3 -> 2/3 ; b: p=2/3 r=1 -> 0.8 ; c: 0

@@ -18,7 +18,9 @@ SIZE = CFG.data.image_size
 
 
 def _info(epoch=0):
-    return StepInfo(epoch=epoch, step=0, total_steps=10, epoch_progress=0.5, generator=torch.Generator().manual_seed(0))
+    return StepInfo(
+        epoch=epoch, step=0, total_steps=10, epoch_progress=0.5, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def test_queue_length_is_a_multiple_of_the_batch_and_capped():
@@ -27,8 +29,9 @@ def test_queue_length_is_a_multiple_of_the_batch_and_capped():
     assert queue_length(8, 1000, 16) == 16
 
 
-@pytest.mark.parametrize("switches", [(True, True, True), (True, False, False), (False, True, False),
-                                      (False, False, True)])
+@pytest.mark.parametrize(
+    "switches", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
+)
 def test_pretraining_losses_and_gradients(switches):
     cons, rec, align = switches
     cfg = replace(CFG.pretrain, consistency=cons, reconstruction=rec, alignment=align)
@@ -63,16 +66,30 @@ def _finetune_model(**switches):
     cfg = replace(CFG.finetune, **switches)
     m = FusionFinetuning(CFG.model, cfg, CFG.svd, SIZE, num_classes=3)
     d = CFG.model.width
-    m.set_dictionaries(ShiftDictionary(torch.randn(3, d), torch.randn(3, 5, d)),
-                       ShiftDictionary(torch.randn(3, d), torch.randn(3, 5, d)) if cfg.use_nbi else None)
+    m.set_dictionaries(
+        ShiftDictionary(torch.randn(3, d), torch.randn(3, 5, d)),
+        ShiftDictionary(torch.randn(3, d), torch.randn(3, 5, d)) if cfg.use_nbi else None,
+    )
     return m
 
 
-@pytest.mark.parametrize("switches", [{}, {"use_tmc": False}, {"use_svd": False}, {"use_nbi": False},
-                                      {"use_nbi": False, "use_svd": False, "use_tmc": False}])
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {},
+        {"use_tmc": False},
+        {"use_svd": False},
+        {"use_nbi": False},
+        {"use_nbi": False, "use_svd": False, "use_tmc": False},
+    ],
+)
 def test_finetuning_loss_gradients_and_prediction(switches):
     m = _finetune_model(**switches)
-    batch = {"a": torch.randn(6, 3, SIZE, SIZE), "b": torch.randn(6, 3, SIZE, SIZE), "y": torch.tensor([0, 1, 2] * 2)}
+    batch = {
+        "a": torch.randn(6, 3, SIZE, SIZE),
+        "b": torch.randn(6, 3, SIZE, SIZE),
+        "y": torch.tensor([0, 1, 2] * 2),
+    }
     loss, logs = m(batch, _info(epoch=1))
     loss.backward()
     assert torch.isfinite(loss)

@@ -45,8 +45,10 @@ def test_paper_shifts_are_centred_on_the_prototype():
 
 
 def test_nearest_and_random_prototype_choice():
-    d = ShiftDictionary(prototypes=torch.tensor([[0.0, 0.0], [10.0, 10.0]]),
-                        shifts=torch.stack([torch.zeros(3, 2), torch.ones(3, 2)]))
+    d = ShiftDictionary(
+        prototypes=torch.tensor([[0.0, 0.0], [10.0, 10.0]]),
+        shifts=torch.stack([torch.zeros(3, 2), torch.ones(3, 2)]),
+    )
     feats = torch.tensor([[1.0, 1.0], [9.0, 9.0]])
     assert torch.equal(d.sample(feats, "nearest"), torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
     picks = d.choose_clusters(torch.zeros(400, 2), "random", torch.Generator().manual_seed(0))

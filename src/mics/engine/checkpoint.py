@@ -85,7 +85,7 @@ def unflatten_state(prefix: str, tensors: dict[str, torch.Tensor], meta: dict[st
     if meta.get(prefix + "#type") == "list":
         return [unflatten_state(f"{prefix}/{i}", tensors, meta) for i in range(meta[prefix + "#len"])]
     head = prefix + "/" if prefix else ""
-    keys = {k[len(head):].split("/")[0] for k in list(tensors) + list(meta) if k.startswith(head)}
+    keys = {k[len(head) :].split("/")[0] for k in list(tensors) + list(meta) if k.startswith(head)}
     keys = {k.split("#")[0] for k in keys}
     if not keys:
         raise CheckpointError(f"checkpoint has no entry {prefix!r}")
@@ -112,13 +112,22 @@ def rng_state() -> dict[str, Any]:
     """Every RNG a training step may draw from: torch (CPU and CUDA), numpy, python."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.stack(list(torch.cuda.get_rng_state_all())) if torch.cuda.device_count() else None
-    np_state = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), "pos": int(np_state[2]),
-                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}
+        state["cuda"] = (
+            torch.stack(list(torch.cuda.get_rng_state_all())) if torch.cuda.device_count() else None
+        )
+    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state["numpy"] = {
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
     py = random.getstate()
-    state["python"] = {"version": py[0], "internal": torch.tensor(py[1], dtype=torch.int64),
-                       "gauss": py[2] if py[2] is None else float(py[2])}
+    state["python"] = {
+        "version": py[0],
+        "internal": torch.tensor(py[1], dtype=torch.int64),
+        "gauss": py[2] if py[2] is None else float(py[2]),
+    }
     return state
 
 
@@ -127,7 +136,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"].to(torch.uint8)))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
 
@@ -152,9 +163,16 @@ def save_checkpoint(path_stem: Path, state: dict[str, Any], info: dict[str, Any]
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    atomic_write_json(path_stem.with_suffix(".json"),
-                      {"format": "mics-checkpoint-v1", "weights": weights.name, "sha256": digest,
-                       "info": info or {}, "values": meta})
+    atomic_write_json(
+        path_stem.with_suffix(".json"),
+        {
+            "format": "mics-checkpoint-v1",
+            "weights": weights.name,
+            "sha256": digest,
+            "info": info or {},
+            "values": meta,
+        },
+    )
 
 
 def _dedupe_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -193,12 +211,17 @@ def load_checkpoint(path_stem: Path, map_location: str | torch.device = "cpu") -
 def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Tensors from a ``.safetensors`` file; anything else (a pickle) is refused."""
     path = Path(path)
+    # safetensors = 8-byte little-endian header length, then a JSON header; a pickle or a torch.save zip
+    # looks different, and is refused before anything could unpickle it
+    size = path.stat().st_size
     with open(path, "rb") as fh:
-        head = fh.read(8)
-    if len(head) < 8 or head[:2] == b"\x80\x02" or head[:2] == b"PK" or head[:1] == b"\x80":
-        raise CheckpointError(f"{path} is not a safetensors file (pickled checkpoints are refused: they can run code)")
+        head = fh.read(9)
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if len(head) < 9 or not 0 < header_len <= size - 8 or head[8:9] != b"{":
+        raise CheckpointError(
+            f"{path} is not a safetensors file (pickled checkpoints are refused: they can run code)"
+        )
     try:
         return load_file(str(path), device=str(map_location))
     except Exception as err:  # safetensors raises its own error types for malformed headers
         raise CheckpointError(f"{path} is not a valid safetensors file: {err}") from None
-

@@ -56,11 +56,21 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def progress(iterable: Any = None, *, total: int | None = None, desc: str = "", leave: bool = False,
-             initial: int = 0) -> tqdm:
+def progress(
+    iterable: Any = None, *, total: int | None = None, desc: str = "", leave: bool = False, initial: int = 0
+) -> tqdm:
     """A tqdm bar on stderr, silent on ranks other than 0."""
-    return tqdm(iterable, total=total, desc=desc, leave=leave, initial=initial, disable=not is_main(),
-                dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        leave=leave,
+        initial=initial,
+        disable=not is_main(),
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=1.0,
+    )
 
 
 def info(message: str) -> None:

@@ -169,7 +169,7 @@ def plot_learning_curves(
         ax.set_xlabel("optimiser step")
         if not ax.lines:
             ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes, color="grey")
-    handles = {}
+    handles: dict[str, Any] = {}
     for ax in axes:
         for line in ax.lines:
             handles.setdefault(line.get_label(), line)

@@ -7,8 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
@@ -24,8 +29,12 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15)
     return float(ece)
 
 
-def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str],
-                           uncertainty: np.ndarray | None = None) -> dict[str, Any]:
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    uncertainty: np.ndarray | None = None,
+) -> dict[str, Any]:
     """All metrics of one evaluation. probs: [N, C]; uncertainty: [N] (higher = less sure) or None."""
     y = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=float)
@@ -40,8 +49,15 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(y) else 0.0,
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "ece": expected_calibration_error(probs, y),
-        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                          "support": int(support[i])} for i, c in enumerate(classes)},
+        "per_class": {
+            c: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, c in enumerate(classes)
+        },
         "confusion": confusion_matrix(y, pred, labels=labels).tolist(),
     }
     if uncertainty is not None:

@@ -29,7 +29,9 @@ Way = Literal["standard", "multimodal"]
 class SSLTraining(nn.Module):
     """Backbone + linear head trained with a labelled loss and an algorithm's unlabelled loss."""
 
-    def __init__(self, model: ModelConfig, image_size: int, num_classes: int, algorithm: SSLAlgorithm) -> None:
+    def __init__(
+        self, model: ModelConfig, image_size: int, num_classes: int, algorithm: SSLAlgorithm
+    ) -> None:
         super().__init__()
         self.backbone = build_encoder(model, image_size)
         self.head = Classifier(model.width, num_classes)
@@ -57,17 +59,29 @@ class SSLTraining(nn.Module):
             feats_w = self.features(x_u_w)
             logits_w = self.head(feats_w)
         if algo.mixes_inputs:
-            x_l, y_l, x_u_w, x_u_s = algo.mix_batch(x_l, y_l, x_u_w, x_u_s, logits_w, info.generator, idx_u=idx_u)
+            x_l, y_l, x_u_w, x_u_s = algo.mix_batch(
+                x_l, y_l, x_u_w, x_u_s, logits_w, info.generator, idx_u=idx_u
+            )
         n_l = x_l.shape[0]
         feats = self.features(torch.cat([x_l, x_u_s]))
         logits = self.head(feats)
         sup = algo.supervised_loss(logits[:n_l], y_l)
         algo.observe_supervised(float(sup.detach()), info.step)
-        out = algo.unlabelled_loss(logits_w, logits[n_l:], idx_u, info.step, info.total_steps,
-                                   feats_w=feats_w, feats_s=feats[n_l:],
-                                   classifier=self.head if algo.needs_classifier else None)
-        logs: dict[str, Any] = {"l_sup": sup.detach(), "l_unsup": out.loss.detach(),
-                                "mask_rate": out.mask.float().mean().detach()}
+        out = algo.unlabelled_loss(
+            logits_w,
+            logits[n_l:],
+            idx_u,
+            info.step,
+            info.total_steps,
+            feats_w=feats_w,
+            feats_s=feats[n_l:],
+            classifier=self.head if algo.needs_classifier else None,
+        )
+        logs: dict[str, Any] = {
+            "l_sup": sup.detach(),
+            "l_unsup": out.loss.detach(),
+            "mask_rate": out.mask.float().mean().detach(),
+        }
         if "y_u" in batch:  # pseudo-label accuracy on the unlabelled batch: monitoring only, never trained on
             logs["pseudo_acc"] = (out.pseudo_labels == batch["y_u"]).float().mean().detach()
         logs.update({k: v for k, v in out.logs.items() if k not in logs})
@@ -86,13 +100,24 @@ def ssl_iterations(cfg: RunConfig, n_train: int, n_labelled: int) -> int:
         return cfg.ssl.iterations
     from mics.pipeline import finetune_steps_per_epoch, pretrain_steps_per_epoch
 
-    return (cfg.pretrain.epochs * pretrain_steps_per_epoch(cfg, n_train)
-            + cfg.finetune.epochs * finetune_steps_per_epoch(cfg, n_labelled))
+    return cfg.pretrain.epochs * pretrain_steps_per_epoch(
+        cfg, n_train
+    ) + cfg.finetune.epochs * finetune_steps_per_epoch(cfg, n_labelled)
 
 
-def ssl_batches(arrays_a: np.ndarray, arrays_b: np.ndarray, labels: np.ndarray, labelled: np.ndarray,
-                unlabelled: np.ndarray, cfg: SSLConfig, way: Way, steps_per_epoch: int, device: torch.device,
-                seed: int, use_unlabelled: bool = True) -> BatchFn:
+def ssl_batches(
+    arrays_a: np.ndarray,
+    arrays_b: np.ndarray,
+    labels: np.ndarray,
+    labelled: np.ndarray,
+    unlabelled: np.ndarray,
+    cfg: SSLConfig,
+    way: Way,
+    steps_per_epoch: int,
+    device: torch.device,
+    seed: int,
+    use_unlabelled: bool = True,
+) -> BatchFn:
     """Per step: B labelled weak views, and uratio*B unlabelled (weak, strong) views with their indices into
     ``unlabelled``. Each stream cycles through fresh seeded permutations."""
     labels_t = torch.as_tensor(labels, dtype=torch.long)
@@ -110,10 +135,13 @@ def ssl_batches(arrays_a: np.ndarray, arrays_b: np.ndarray, labels: np.ndarray, 
         order_l = stream(labelled, b_l, "l", epoch)
         order_u = stream(positions, b_u, "u", epoch) if use_unlabelled else None
         for i in range(steps_per_epoch):
-            sel_l = order_l[i * b_l:(i + 1) * b_l].numpy()
-            batch = {"x_l": to_float(weak(load(arrays_a, sel_l), generator)), "y_l": labels_t[sel_l].to(device)}
+            sel_l = order_l[i * b_l : (i + 1) * b_l].numpy()
+            batch = {
+                "x_l": to_float(weak(load(arrays_a, sel_l), generator)),
+                "y_l": labels_t[sel_l].to(device),
+            }
             if order_u is not None:
-                pos = order_u[i * b_u:(i + 1) * b_u].numpy()
+                pos = order_u[i * b_u : (i + 1) * b_u].numpy()
                 sel_u = unlabelled[pos]
                 u_a = load(arrays_a, sel_u)
                 batch["x_u_w"] = to_float(weak(u_a, generator))

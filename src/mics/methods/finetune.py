@@ -15,7 +15,12 @@ from torch import nn
 from mics.config import FinetuneConfig, ModelConfig, SVDConfig
 from mics.data.views import to_float, weak
 from mics.engine.train import BatchFn, StepInfo
-from mics.losses.evidential import annealing_coefficient, combine_opinions, evidential_loss, opinion_from_alpha
+from mics.losses.evidential import (
+    annealing_coefficient,
+    combine_opinions,
+    evidential_loss,
+    opinion_from_alpha,
+)
 from mics.methods.pretrain import build_encoder, epoch_order
 from mics.methods.svd import ShiftDictionary
 from mics.models.fusion import FusionEncoder
@@ -33,8 +38,9 @@ class FusionFinetuning(nn.Module):
     """f_theta + f_phi (from pre-training) -> fusion encoder f_M -> classifier, with SVD shifts and
     evidential heads on the WLI, NBI and fused views. Ablation switches follow Table IV."""
 
-    def __init__(self, model: ModelConfig, cfg: FinetuneConfig, svd: SVDConfig, image_size: int,
-                 num_classes: int) -> None:
+    def __init__(
+        self, model: ModelConfig, cfg: FinetuneConfig, svd: SVDConfig, image_size: int, num_classes: int
+    ) -> None:
         super().__init__()
         self.cfg, self.svd_cfg, self.num_classes = cfg, svd, num_classes
         self.enc_a = build_encoder(model, image_size)
@@ -98,14 +104,16 @@ class FusionFinetuning(nn.Module):
                 if dictionary is None or key not in feats:
                     continue
                 shift = dictionary.sample(feats[key].detach(), self.svd_cfg.prototype, info.generator)
-                l_shift = F.cross_entropy(self.classifier(z + shift), y, label_smoothing=self.cfg.label_smoothing)
+                l_shift = F.cross_entropy(
+                    self.classifier(z + shift), y, label_smoothing=self.cfg.label_smoothing
+                )
                 l_f = l_f + l_shift
                 logs[f"l_shift_{which}"] = l_shift.detach()
         loss = l_f
         if self.cfg.use_tmc:
             lam = annealing_coefficient(info.epoch + 1, self.cfg.annealing_epochs)
             alphas = self.opinions(feats)
-            l_views = sum(evidential_loss(alpha, y, lam) for alpha in alphas[:-1])
+            l_views = torch.stack([evidential_loss(alpha, y, lam) for alpha in alphas[:-1]]).sum()
             l_fuse = evidential_loss(combine_opinions(alphas), y, lam)
             loss = loss + l_views + l_fuse
             logs.update(l_views=l_views.detach(), l_fuse=l_fuse.detach())
@@ -123,17 +131,29 @@ class FusionFinetuning(nn.Module):
         return Prediction(probs, 1.0 - probs.max(dim=-1).values, feats["z"].float())
 
 
-def labelled_batches(arrays_a: np.ndarray, arrays_b: np.ndarray | None, labels: np.ndarray, indices: np.ndarray,
-                     batch_size: int, steps_per_epoch: int, device: torch.device, seed: int) -> BatchFn:
+def labelled_batches(
+    arrays_a: np.ndarray,
+    arrays_b: np.ndarray | None,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    batch_size: int,
+    steps_per_epoch: int,
+    device: torch.device,
+    seed: int,
+) -> BatchFn:
     """``steps_per_epoch`` batches of weakly augmented labelled pairs ``{"a", "b", "y"}`` per epoch, cycling
     through fresh permutations when the labelled set is smaller than an epoch needs."""
     labels_t = torch.as_tensor(labels, dtype=torch.long)
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-        order = torch.cat([epoch_order(indices, seed, f"{epoch}.{k}")
-                           for k in range(-(-steps_per_epoch * batch_size // max(1, len(indices))) + 1)])
+        order = torch.cat(
+            [
+                epoch_order(indices, seed, f"{epoch}.{k}")
+                for k in range(-(-steps_per_epoch * batch_size // max(1, len(indices))) + 1)
+            ]
+        )
         for i in range(steps_per_epoch):
-            sel = order[i * batch_size:(i + 1) * batch_size].numpy()
+            sel = order[i * batch_size : (i + 1) * batch_size].numpy()
             a = torch.from_numpy(np.ascontiguousarray(arrays_a[sel])).to(device)
             batch = {"a": to_float(weak(a, generator)), "y": labels_t[sel].to(device)}
             if arrays_b is not None:

@@ -27,8 +27,15 @@ from mics.models.vit import ViTEncoder
 
 def build_encoder(model: ModelConfig, image_size: int) -> ViTEncoder:
     """One modality's encoder; both modalities use this architecture with separate weights."""
-    return ViTEncoder(img_size=image_size, patch_size=model.patch_size, width=model.width, depth=model.depth,
-                      heads=model.heads, mlp_ratio=model.mlp_ratio, drop_path=model.drop_path)
+    return ViTEncoder(
+        img_size=image_size,
+        patch_size=model.patch_size,
+        width=model.width,
+        depth=model.depth,
+        heads=model.heads,
+        mlp_ratio=model.mlp_ratio,
+        drop_path=model.drop_path,
+    )
 
 
 def queue_length(requested: int, n_train: int, global_batch: int) -> int:
@@ -42,8 +49,9 @@ class SynergisticPretraining(nn.Module):
     L_pre = a_dis * L_cons + a_res * L_res + a_a * L_a (Eq. 9); each term can be switched off (Table III).
     """
 
-    def __init__(self, model: ModelConfig, cfg: PretrainConfig, image_size: int, n_train: int,
-                 global_batch: int) -> None:
+    def __init__(
+        self, model: ModelConfig, cfg: PretrainConfig, image_size: int, n_train: int, global_batch: int
+    ) -> None:
         super().__init__()
         if not (cfg.consistency or cfg.reconstruction or cfg.alignment):
             raise ValueError("pre-training needs at least one of consistency, reconstruction, alignment")
@@ -51,8 +59,15 @@ class SynergisticPretraining(nn.Module):
         self.enc_a = build_encoder(model, image_size)
         self.enc_b = build_encoder(model, image_size)
         if cfg.reconstruction:
-            self.decoder = SharedDecoder(self.enc_a.num_patches, model.patch_size, model.width, model.decoder_width,
-                                         model.decoder_depth, model.decoder_heads, model.mlp_ratio)
+            self.decoder = SharedDecoder(
+                self.enc_a.num_patches,
+                model.patch_size,
+                model.width,
+                model.decoder_width,
+                model.decoder_depth,
+                model.decoder_heads,
+                model.mlp_ratio,
+            )
         if cfg.consistency:
             self.proj_a = Projection(model.width, model.proj_dim)
             self.proj_b = Projection(model.width, model.proj_dim)
@@ -68,11 +83,16 @@ class SynergisticPretraining(nn.Module):
             self.temp_align = nn.Parameter(torch.tensor(cfg.temp))
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.enc_a, self.enc_a_m), (self.enc_b, self.enc_b_m), (self.proj_a, self.proj_a_m),
-                (self.proj_b, self.proj_b_m)]
+        return [
+            (self.enc_a, self.enc_a_m),
+            (self.enc_b, self.enc_b_m),
+            (self.proj_a, self.proj_a_m),
+            (self.proj_b, self.proj_b_m),
+        ]
 
-    def forward_consistency(self, cls_a: torch.Tensor, cls_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                            info: StepInfo) -> torch.Tensor:
+    def forward_consistency(
+        self, cls_a: torch.Tensor, cls_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor, info: StepInfo
+    ) -> torch.Tensor:
         """Eq. 1-4: momentum-distilled contrastive loss between modalities with feature queues.
 
         cls_a, cls_b: [B, D] online CLS features; a, b: [B, 3, H, W] the same views for the momentum encoders.
@@ -87,14 +107,23 @@ class SynergisticPretraining(nn.Module):
         alpha = self.cfg.alpha * min(1.0, info.epoch + info.epoch_progress)
         z_a, z_b = self.proj_a(cls_a), self.proj_b(cls_b)
         # cloned: the queues are updated in place below, before backward
-        loss = momentum_distilled_contrastive(z_a, z_b, z_a_m, z_b_m, self.queue_a.features.clone(),
-                                              self.queue_b.features.clone(), self.temp, alpha)
+        loss = momentum_distilled_contrastive(
+            z_a,
+            z_b,
+            z_a_m,
+            z_b_m,
+            self.queue_a.features.clone(),
+            self.queue_b.features.clone(),
+            self.temp,
+            alpha,
+        )
         self.queue_a.enqueue(z_a_m)
         self.queue_b.enqueue(z_b_m)
         return loss
 
     def forward_reconstruction(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Eq. 5-6: each encoder sees its own masked image (Mask(w), Mask(n)); ONE decoder reconstructs both."""
+        """Eq. 5-6: each encoder sees its own masked image (Mask(w), Mask(n)); ONE decoder
+        reconstructs both."""
         losses = []
         for enc, x in ((self.enc_a, a), (self.enc_b, b)):
             tokens, mask, ids_restore = enc.forward_masked(x, self.cfg.mask_ratio)
@@ -137,8 +166,15 @@ def epoch_order(indices: np.ndarray, seed: int, epoch: object) -> torch.Tensor:
     return dist.shard(idx_all[torch.randperm(len(idx_all), generator=order_gen)])
 
 
-def pair_batches(arrays_a: np.ndarray, arrays_b: np.ndarray, indices: np.ndarray, batch_size: int,
-                 device: torch.device, seed: int, drop_last: bool = True) -> BatchFn:
+def pair_batches(
+    arrays_a: np.ndarray,
+    arrays_b: np.ndarray,
+    indices: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    drop_last: bool = True,
+) -> BatchFn:
     """Shuffled batches of weakly augmented, normalised pairs: ``{"a", "b"}`` each [B, 3, H, W].
 
     ``batch_size`` is per process.
@@ -148,11 +184,14 @@ def pair_batches(arrays_a: np.ndarray, arrays_b: np.ndarray, indices: np.ndarray
         perm = epoch_order(indices, seed, epoch)
         n = len(perm) // batch_size * batch_size if drop_last else len(perm)
         for start in range(0, n, batch_size):
-            sel = perm[start:start + batch_size].numpy()
+            sel = perm[start : start + batch_size].numpy()
             sel.sort()  # sorted reads are faster on a memory-mapped cache; order inside a batch is irrelevant
             a = torch.from_numpy(np.ascontiguousarray(arrays_a[sel])).to(device, non_blocking=True)
             b = torch.from_numpy(np.ascontiguousarray(arrays_b[sel])).to(device, non_blocking=True)
-            yield {"a": to_float(weak(a, generator)), "b": to_float(weak(b, generator)),
-                   "index": torch.from_numpy(sel)}
+            yield {
+                "a": to_float(weak(a, generator)),
+                "b": to_float(weak(b, generator)),
+                "index": torch.from_numpy(sel),
+            }
 
     return batches

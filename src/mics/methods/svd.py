@@ -19,14 +19,21 @@ from mics.engine.logging import progress
 
 
 @torch.no_grad()
-def encode_features(encoder: torch.nn.Module, images: np.ndarray, indices: np.ndarray, device: torch.device,
-                    batch_size: int = 128, desc: str = "encode") -> torch.Tensor:
-    """CLS features of un-augmented images: uint8 [N, 3, H, W] (selected by ``indices``) -> float [n, D] on CPU."""
+def encode_features(
+    encoder: torch.nn.Module,
+    images: np.ndarray,
+    indices: np.ndarray,
+    device: torch.device,
+    batch_size: int = 128,
+    desc: str = "encode",
+) -> torch.Tensor:
+    """CLS features of un-augmented images: uint8 [N, 3, H, W] (selected by ``indices``) ->
+    float [n, D] on CPU."""
     was_training = encoder.training
     encoder.eval()
     out = []
     for start in progress(range(0, len(indices), batch_size), desc=desc):
-        sel = np.asarray(indices[start:start + batch_size])
+        sel = np.asarray(indices[start : start + batch_size])
         x = torch.from_numpy(np.ascontiguousarray(images[sel])).to(device)
         out.append(encoder(to_float(x))[:, 0].float().cpu())
     encoder.train(was_training)
@@ -43,8 +50,9 @@ class ShiftDictionary:
     def to(self, device: torch.device) -> ShiftDictionary:
         return ShiftDictionary(self.prototypes.to(device), self.shifts.to(device))
 
-    def choose_clusters(self, feats: torch.Tensor, rule: str, generator: torch.Generator | None = None
-                        ) -> torch.Tensor:
+    def choose_clusters(
+        self, feats: torch.Tensor, rule: str, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Cluster index per sample [B]: the nearest prototype of the sample's own feature, or random."""
         c = self.prototypes.shape[0]
         if rule == "nearest":
@@ -53,7 +61,9 @@ class ShiftDictionary:
             return torch.randint(0, c, (feats.shape[0],), generator=generator).to(feats.device)
         raise ValueError(f"unknown prototype rule {rule!r}; use 'nearest' or 'random'")
 
-    def sample(self, feats: torch.Tensor, rule: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, feats: torch.Tensor, rule: str, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """One shift per sample: feats [B, D] -> shifts [B, D] (a random one of the chosen cluster's P)."""
         clusters = self.choose_clusters(feats, rule, generator)
         p = self.shifts.shape[1]
@@ -79,7 +89,9 @@ def build_dictionary(feats: torch.Tensor, num_clusters: int, cfg: SVDConfig, see
     """k-means prototypes + per-cluster covariance + P sampled shifts (zero-mean or, as the paper writes,
     centred on the prototype). feats: [N, D] -> dictionary with [C, D] prototypes and [C, P, D] shifts."""
     if feats.shape[0] < num_clusters:
-        raise ValueError(f"need at least {num_clusters} features for {num_clusters} clusters, got {feats.shape[0]}")
+        raise ValueError(
+            f"need at least {num_clusters} features for {num_clusters} clusters, got {feats.shape[0]}"
+        )
     x = feats.double()
     km = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed % (2**31)).fit(x.numpy())
     labels = torch.from_numpy(km.labels_)
