@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    epochs: int = 20
+    epochs: int = 40  # label-free, so it sees every training pair; the cpu preset's main cost
     batch_size: int = 64
     lr: float = 1e-4 * 4  # scaled for the small batch and short schedule of the cpu preset
     min_lr: float = 1e-5
@@ -81,7 +81,7 @@ class SVDConfig:
 class FinetuneConfig:
     epochs: int = 30
     batch_size: int = 32
-    lr: float = 1e-4 * 4
+    lr: float = 1e-4  # the paper's AdamW lr; 4e-4 gave a lower val top-1 on the bundled sample (cpu preset)
     min_lr: float = 1e-6
     weight_decay: float = 0.02
     warmup_epochs: int = 1
