@@ -22,9 +22,9 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ "${GPU_CHECK_DRY:-0}" == "1" ]]; then
-    PRESET=smoke DEVICE=cpu STEPS=(--warmup 1 --steps 2) SCALE=1
+    PRESET=smoke DEVICE=cpu STEPS=(--warmup 1 --steps 2)
 else
-    PRESET=paper DEVICE=cuda STEPS=(--warmup 3 --steps 12) SCALE=1
+    PRESET=paper DEVICE=cuda STEPS=(--warmup 3 --steps 12)
 fi
 SUMMARY="$OUT/summary.md"
 START=$(date +%s)
@@ -46,7 +46,7 @@ part() {
     shift 2
     local t0=$(date +%s)
     echo "== $name (limit ${limit}s)"
-    timeout --signal=INT --kill-after=10 "$((limit * SCALE))" \
+    timeout --signal=INT --kill-after=10 "$limit" \
         "$PY" benchmarks/throughput.py --preset "$PRESET" --device "$DEVICE" "${STEPS[@]}" \
         --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?

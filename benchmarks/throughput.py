@@ -145,18 +145,21 @@ class PeakMemory:
 class Timings:
     real: list[float] = field(default_factory=list)  # seconds per real step
     bound: list[float] = field(default_factory=list)  # seconds per bound pass
+    loader: list[float] = field(default_factory=list)  # seconds per batch of the batch function alone
 
 
 class StepTimer:
     """Wraps a batch function for ``fit`` and times the steps it feeds (warm-up steps excluded).
 
-    ``interleave=True`` (CPU): before each timed step's batch is built, the previous step's timing is closed
-    and one bound pass runs, so real steps and bound passes alternate and a machine shared with other jobs
-    slows both alike. A real step's time then runs from the end of the bound pass to the request of the
-    next batch: batch construction + forward + backward + optimiser step + after-step hooks + logging.
+    ``interleave=True`` (CPU): before each timed step's batch is built, the previous step's timing is closed,
+    then one bound pass runs and one batch is built by a second, independent copy of the batch function
+    (the loader alone), so real steps, bound passes and loader batches alternate and a machine shared with
+    other jobs slows all three alike. A real step's time runs from there to the request of the next batch:
+    batch construction + forward + backward + optimiser step + after-step hooks + logging.
 
     ``interleave=False`` (accelerators): the timed steps run back to back between two synchronisations,
-    as in training, so the host may queue work ahead of the device; the bound is timed in one block after.
+    as in training, so the host may queue work ahead of the device; the bound and the loader are timed in
+    blocks after the steps.
     """
 
     def __init__(
@@ -176,6 +179,10 @@ class StepTimer:
         self.inner, self.warmup, self.steps, self.device = inner, warmup, steps, device
         self.bound, self.memory, self.interleave = bound, memory, interleave
         self.timings = Timings()
+        self.loader = cycle_batches(inner, torch.Generator().manual_seed(1))
+
+    def load_one(self) -> None:
+        next(self.loader)
 
     def __call__(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
         source = cycle_batches(self.inner, generator)
@@ -188,13 +195,18 @@ class StepTimer:
                     self.timings.real.append(now - started)
                     self.memory.record()
                 if self.interleave:
-                    if i == self.warmup:  # the bound's own warm-up pass
+                    if i == self.warmup:  # warm-up of the bound and the loader
                         self.bound()
+                        self.load_one()
                         synchronize(self.device)
                         now = time.perf_counter()
                     self.bound()
                     synchronize(self.device)
-                    self.timings.bound.append(time.perf_counter() - now)
+                    after_bound = time.perf_counter()
+                    self.timings.bound.append(after_bound - now)
+                    self.load_one()
+                    synchronize(self.device)
+                    self.timings.loader.append(time.perf_counter() - after_bound)
                 self.memory.reset()
                 started = time.perf_counter()
             yield next(source)
@@ -205,23 +217,12 @@ class StepTimer:
             self.timings.real.append(elapsed if self.interleave else elapsed / self.steps)
         if not self.interleave:
             self.timings.bound.append(_block_time(self.bound, self.device, self.steps))
+            self.timings.loader.append(_block_time(self.load_one, self.device, self.steps))
 
 
 def cycle_batches(inner: BatchFn, generator: torch.Generator) -> Iterator[Any]:
     """The batch function's epochs one after the other, so a short data set never runs dry."""
     return itertools.chain.from_iterable(inner(epoch, generator) for epoch in itertools.count())
-
-
-def time_loader(inner: BatchFn, batches: int, device: torch.device) -> float:
-    """Seconds per batch of the batch function alone (one warm-up batch excluded)."""
-    source = cycle_batches(inner, torch.Generator().manual_seed(1))
-    next(source)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(source)
-    synchronize(device)
-    return (time.perf_counter() - start) / batches
 
 
 def grads_stashed(module: nn.Module) -> contextlib.AbstractContextManager[None]:
@@ -256,6 +257,10 @@ def random_inputs(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- cases
 
 
+# steps per epoch -> (method module, batch function, schedule, ``extra`` state for fit)
+Builder = Callable[[int], tuple[nn.Module, BatchFn, Schedule, Any]]
+
+
 @dataclass
 class Case:
     """One training step: how to build its module and batches, what its bound pass is."""
@@ -263,10 +268,8 @@ class Case:
     name: str
     samples: int  # samples one step consumes (the unit of every samples/s of this row)
     unit: str
-    build: Callable[
-        [int], tuple[nn.Module, BatchFn, Schedule, Any]
-    ]  # steps per epoch -> module, batches, ...
-    bound: Callable[[nn.Module], Callable[[], None]]
+    build: Builder
+    bound: Callable[[nn.Module], Callable[[], None]]  # the built module -> one bound pass
     note: str = ""
 
 
@@ -525,7 +528,7 @@ class Bench:
 
     # running -----------------------------------------------------------------------------------------------
 
-    def measure(self, case: Case, warmup: int, steps: int, loader_batches: int) -> Row:
+    def measure(self, case: Case, warmup: int, steps: int) -> Row:
         row = Row(case.name, case.unit, case.samples, note=case.note)
         torch.manual_seed(self.seed)
         model, batches, schedule, extra = case.build(warmup + steps)
@@ -540,7 +543,6 @@ class Bench:
             memory,
             interleave=self.device.type == "cpu",
         )
-        loader_s = time_loader(batches, loader_batches, self.device)
         fit(
             model,
             timer,
@@ -558,6 +560,7 @@ class Bench:
         row.step_ms, row.bound_ms = 1000 * real_s, 1000 * bound_s
         row.measured, row.bound = case.samples / real_s, case.samples / bound_s
         row.efficiency = bound_s / real_s
+        loader_s = statistics.median(timer.timings.loader)
         row.loader = case.samples / loader_s
         row.loader_ratio = real_s / loader_s
         row.peak_mb = memory.peak / 2**20
@@ -656,7 +659,8 @@ def table(rows: list[Row]) -> str:
             lines.append(f"| {r.name} | {r.samples} {r.unit} | failed: {r.error} | | | | | | |")
             continue
         lines.append(
-            f"| {r.name} | {r.samples} {r.unit} | {fmt(r.measured)} | {fmt(r.bound)} | {fmt(r.efficiency, 2)} "
+            f"| {r.name} | {r.samples} {r.unit} | {fmt(r.measured)} | {fmt(r.bound)} "
+            f"| {fmt(r.efficiency, 2)} "
             f"| {fmt(r.loader)} | {fmt(r.loader_ratio, 1)}x | {fmt(r.step_ms, 0)} | {fmt(r.peak_mb, 0)} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -702,7 +706,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=("smoke", "cpu", "paper"), default="cpu")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
-        "--steps", type=int, default=None, help="timed steps per row (default: 4 on CPU, 20 on GPU)"
+        "--steps", type=int, default=None, help="timed steps per row (default: 5 on CPU, 20 on GPU)"
     )
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed steps first (default: 1 on CPU, 5 on GPU)"
@@ -742,8 +746,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     gpu = device.type == "cuda"
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    steps = args.steps if args.steps is not None else (20 if gpu else 4)
-    loader_batches = max(3, min(steps, 10))
+    steps = args.steps if args.steps is not None else (20 if gpu else 5)
     svd_n = args.svd_images or 512
     need = (warmup + steps + 2) * max(cfg.pretrain.batch_size, cfg.ssl.batch_size * (cfg.ssl.uratio + 1))
     bench = Bench(cfg, device, n_images=max(svd_n, min(need, 2048)))
@@ -759,20 +762,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "machine": machine(),
     }
     print(
-        f"# preset {args.preset} on {device} ({meta['machine']['cpu']}, {meta['machine']['threads']} threads, "
+        f"# preset {args.preset} on {device} ({meta['machine']['cpu']}, "
+        f"{meta['machine']['threads']} threads, "
         f"precision {cfg.precision}); {warmup} warm-up + {steps} timed steps per row",
         flush=True,
     )
     names = BASELINES_ALL if args.baselines == "all" else BASELINES_DEFAULT
     plan: list[tuple[str, Callable[[], Row]]] = [
-        ("pretrain", lambda: bench.measure(bench.pretrain_case(), warmup, steps, loader_batches)),
+        ("pretrain", lambda: bench.measure(bench.pretrain_case(), warmup, steps)),
         ("svd", lambda: bench.svd_row(svd_n, reps=2 if not gpu else 3)),
-        ("finetune", lambda: bench.measure(bench.finetune_case(), warmup, steps, loader_batches)),
+        ("finetune", lambda: bench.measure(bench.finetune_case(), warmup, steps)),
     ]
     for spec in names:
-        plan.append(
-            (spec, lambda spec=spec: bench.measure(bench.baseline_case(spec), warmup, steps, loader_batches))
-        )
+        plan.append((spec, lambda spec=spec: bench.measure(bench.baseline_case(spec), warmup, steps)))
     only = set(args.only.split(",")) if args.only else None
     rows: list[Row] = []
     for key, job in plan:

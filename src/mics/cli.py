@@ -76,11 +76,21 @@ def _command() -> str:
     return "mics " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _main_rank() -> bool:
+    """Rank 0 of a torchrun job (or the only process): the one that prints and writes reports."""
+    from mics.engine.distributed import is_main
+
+    return is_main()
+
+
 def _print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2))
+    if _main_rank():
+        typer.echo(json.dumps(obj, indent=2))
 
 
 def _print_table(runs: dict[str, dict[str, Any]]) -> None:
+    if not _main_rank():
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -144,7 +154,8 @@ def run(
     )
     meta = json.loads((out / "run.json").read_text(encoding="utf-8"))
     meta["machine"] = pipeline.machine_description()
-    write_report(out, {"mics": results}, meta, _command())
+    if _main_rank():
+        write_report(out, {"mics": results}, meta, _command())
     _print_table({"mics": results})
 
 
@@ -181,9 +192,12 @@ def finetune(
         meta_path = run_dir / "run.json"
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         meta["labels"] = labels
+        from mics.engine import distributed as dist
         from mics.engine.checkpoint import atomic_write_json
 
-        atomic_write_json(meta_path, meta)
+        if dist.is_main():
+            atomic_write_json(meta_path, meta)
+        dist.barrier()
         ctx = pipeline.open_run(run_dir)
         resume = False
     pipeline.finetune(ctx, resume=resume)
@@ -300,8 +314,10 @@ def demo(
     )
     meta = json.loads((out / "mics" / "run.json").read_text(encoding="utf-8"))
     meta["machine"] = pipeline.machine_description()
-    report = write_report(out, runs, meta, _command())
+    report = write_report(out, runs, meta, _command()) if _main_rank() else None
     _print_table(runs)
+    if report is None:
+        return
     gain = report["results"]["mics"]["top1"] - report["results"]["supervised"]["top1"]
     typer.echo(
         f"MICS vs supervised-only: {100 * gain:+.2f} top-1 points; total {time.time() - start:.0f} s; "

@@ -110,10 +110,15 @@ def init_run(
         cfg = replace(cfg, seed=seed)
     if not 0.0 < labels <= 1.0:
         raise DataError(f"--labels must be a fraction in (0, 1], got {labels}")
+    # under torchrun: join the process group before the folder is read or written, so that only rank 0
+    # writes and every rank has checked the folder before rank 0 fills it
+    dist.init_from_env(resolve_device(cfg.device))
     existing = run_dir / "run.json"
-    if existing.exists() and not resume:
+    held = existing.exists()
+    dist.barrier()
+    if held and not resume:
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if existing.exists():
+    if held:
         meta = json.loads(existing.read_text(encoding="utf-8"))
         if Path(meta["data"]).resolve() != Path(data).resolve():
             raise RunError(f"{run_dir} was made for data {meta['data']}, not {data}")
@@ -173,7 +178,6 @@ def init_run(
                 },
             )
     device = resolve_device(cfg.device)
-    dist.init_from_env(device)
     generator = get_generator(cfg.data.generator)
     with dist.main_first():
         arrays_a, arrays_b = load_arrays(images, cfg.data.image_size, generator, progress=dist.is_main())
@@ -539,6 +543,10 @@ def baseline(
     train, labelled = np.asarray(ctx.split.train), np.asarray(ctx.labelled)
     # USB's convention: every training image (labelled ones included) is in the unlabelled stream
     unlabelled = train
+    if cfg.ssl.batch_size % dist.world_size():
+        raise RunError(
+            f"ssl.batch_size {cfg.ssl.batch_size} must be divisible by {dist.world_size()} processes"
+        )
     total = ssl_iterations(cfg, len(train), len(labelled))
     epochs = max(1, min(cfg.finetune.epochs, total))
     spe = math.ceil(total / epochs)

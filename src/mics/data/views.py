@@ -8,6 +8,9 @@ instead, which is just ``weak(partner)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 from torchvision.transforms import v2
@@ -88,6 +91,22 @@ def cutout(x: Tensor, generator: torch.Generator | None = None, fraction: float 
     return x.masked_fill(hole, CUTOUT_FILL)
 
 
+@contextmanager
+def _one_cpu_thread(x: Tensor) -> Iterator[None]:
+    """Run per-image CPU work on one thread: an image is too small for torch's thread pool to pay, and with
+    two threads on a busy 2-core machine each tiny parallel region waits for the other core (the strong
+    view of 96 images at 64 px took 2.4 s with two threads, 35 ms with one; benchmarks/README.md)."""
+    if x.device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def strong(
     x: Tensor, num_ops: int = 2, magnitude: int = 10, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -101,10 +120,12 @@ def strong(
     x = weak(x, generator)
     augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
     if generator is None:
-        mixed = torch.stack([augment(img) for img in x]) if len(x) else x
+        with _one_cpu_thread(x):
+            mixed = torch.stack([augment(img) for img in x]) if len(x) else x
     else:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            mixed = torch.stack([augment(img) for img in x]) if len(x) else x
+            with _one_cpu_thread(x):
+                mixed = torch.stack([augment(img) for img in x]) if len(x) else x
     return cutout(mixed, generator)

@@ -158,7 +158,7 @@ class EMAModel:
         """``decay`` overrides the configured one for this step (a method may adapt it, e.g. HABIT)."""
         # the usual warm-up of the decay lets early evaluations reflect training instead of the random init
         d = min(self.decay if decay is None else decay, (1 + step) / (10 + step))
-        ema_p = [p for p in self.module.parameters()]
+        ema_p: list[torch.Tensor] = list(self.module.parameters())
         src_p = [p.detach() for p in module.parameters()]
         torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
         for b_ema, b in zip(self.module.buffers(), module.buffers(), strict=True):
@@ -197,7 +197,7 @@ def _raise_if_non_finite(first_bad: torch.Tensor, stage: str, schedule: Schedule
     """Raise :class:`NonFiniteLossError` if any rank saw a non-finite loss (all ranks raise together)."""
     bad = int(dist.all_reduce_max(first_bad))
     if bad >= 0:
-        epoch, step = divmod(bad, schedule.steps_per_epoch)
+        epoch = bad // schedule.steps_per_epoch
         raise NonFiniteLossError(
             f"[{stage}] the loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}; "
             "the last good checkpoint is kept. Lower the learning rate or check the input images."

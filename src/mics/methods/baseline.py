@@ -8,7 +8,6 @@ augmented partner image (NBI / second modality). Evaluation uses modality A only
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -18,8 +17,9 @@ from torch import nn
 
 from mics.config import ModelConfig, RunConfig, SSLConfig
 from mics.data.views import strong, to_float, weak
+from mics.engine import distributed as dist
 from mics.engine.train import BatchFn, StepInfo
-from mics.methods.pretrain import build_encoder, epoch_order
+from mics.methods.pretrain import build_encoder, cycled_order
 from mics.methods.ssl import SSLAlgorithm
 from mics.models.heads import Classifier
 
@@ -121,12 +121,13 @@ def ssl_batches(
     """Per step: B labelled weak views, and uratio*B unlabelled (weak, strong) views with their indices into
     ``unlabelled``. Each stream cycles through fresh seeded permutations."""
     labels_t = torch.as_tensor(labels, dtype=torch.long)
-    b_l, b_u = cfg.batch_size, cfg.batch_size * cfg.uratio
+    # SSLConfig.batch_size is the global labelled batch, as pre-training's and fine-tuning's are
+    b_l = cfg.batch_size // dist.world_size()
+    b_u = b_l * cfg.uratio
     positions = np.arange(len(unlabelled))
 
     def stream(indices: np.ndarray, batch: int, tag: str, epoch: int) -> torch.Tensor:
-        rounds = math.ceil(steps_per_epoch * batch / max(1, len(indices))) + 1
-        return torch.cat([epoch_order(indices, seed, f"{tag}.{epoch}.{k}") for k in range(rounds)])
+        return cycled_order(indices, seed, f"{tag}.{epoch}", steps_per_epoch * batch)
 
     def load(arrays: np.ndarray, sel: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(arrays[sel])).to(device)

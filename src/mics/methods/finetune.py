@@ -21,7 +21,7 @@ from mics.losses.evidential import (
     evidential_loss,
     opinion_from_alpha,
 )
-from mics.methods.pretrain import build_encoder, epoch_order
+from mics.methods.pretrain import build_encoder, cycled_order
 from mics.methods.svd import ShiftDictionary
 from mics.models.fusion import FusionEncoder
 from mics.models.heads import Classifier, EvidentialHead
@@ -146,12 +146,8 @@ def labelled_batches(
     labels_t = torch.as_tensor(labels, dtype=torch.long)
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-        order = torch.cat(
-            [
-                epoch_order(indices, seed, f"{epoch}.{k}")
-                for k in range(-(-steps_per_epoch * batch_size // max(1, len(indices))) + 1)
-            ]
-        )
+        # enough for this rank's steps: a rank's share of one permutation is 1 / world of it
+        order = cycled_order(indices, seed, str(epoch), steps_per_epoch * batch_size)
         for i in range(steps_per_epoch):
             sel = order[i * batch_size : (i + 1) * batch_size].numpy()
             a = torch.from_numpy(np.ascontiguousarray(arrays_a[sel])).to(device)

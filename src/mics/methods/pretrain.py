@@ -166,6 +166,20 @@ def epoch_order(indices: np.ndarray, seed: int, epoch: object) -> torch.Tensor:
     return dist.shard(idx_all[torch.randperm(len(idx_all), generator=order_gen)])
 
 
+def cycled_order(indices: np.ndarray, seed: int, tag: str, needed: int) -> torch.Tensor:
+    """At least ``needed`` entries: this rank's shares of fresh permutations ``tag.0``, ``tag.1``, ...
+    (every rank draws as many permutations as the others, since the shares have equal sizes)."""
+    parts: list[torch.Tensor] = []
+    have = 0
+    while have < needed:
+        part = epoch_order(indices, seed, f"{tag}.{len(parts)}")
+        if len(part) == 0:
+            raise ValueError(f"{len(indices)} samples cannot be shared by {dist.world_size()} processes")
+        parts.append(part)
+        have += len(part)
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
 def pair_batches(
     arrays_a: np.ndarray,
     arrays_b: np.ndarray,
