@@ -15,6 +15,7 @@ import math
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,32 +330,58 @@ def build_finetune_model(ctx: RunContext) -> FusionFinetuning:
 
 @torch.no_grad()
 def predict_arrays(
-    model: FusionFinetuning,
+    model: torch.nn.Module,
     arrays_a: np.ndarray,
     arrays_b: np.ndarray | None,
     indices: np.ndarray,
     device: torch.device,
     batch_size: int = 128,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """probs [n, C], uncertainty [n], features [n, D] for the selected samples (no augmentation)."""
+    """probs [n, C], uncertainty [n], features [n, D] of the selected samples (no augmentation), for any
+    model with ``predict(a, b) -> Prediction`` and ``uses_partner`` (MICS and the baselines)."""
     from mics.data.views import to_float
+
+    def load(arrays: np.ndarray, sel: np.ndarray) -> torch.Tensor:
+        return to_float(torch.from_numpy(np.ascontiguousarray(arrays[sel])).to(device))
 
     model.eval()
     probs, unc, feats = [], [], []
-    for start in range(0, len(indices), batch_size):
-        sel = np.asarray(indices[start : start + batch_size])
-        a = to_float(torch.from_numpy(np.ascontiguousarray(arrays_a[sel])).to(device))
-        b = None
-        if arrays_b is not None and model.cfg.use_nbi:
-            b = to_float(torch.from_numpy(np.ascontiguousarray(arrays_b[sel])).to(device))
-        p = model.predict(a, b)
-        probs.append(p.probs.cpu().numpy())
-        unc.append(p.uncertainty.cpu().numpy())
-        feats.append(p.features.cpu().numpy())
+    with torch.no_grad():
+        for start in range(0, len(indices), batch_size):
+            sel = np.asarray(indices[start : start + batch_size])
+            b = load(arrays_b, sel) if arrays_b is not None and model.uses_partner else None
+            p = model.predict(load(arrays_a, sel), b)  # type: ignore[operator]
+            probs.append(p.probs.cpu().numpy())
+            unc.append(p.uncertainty.cpu().numpy())
+            feats.append(p.features.cpu().numpy())
     model.train()
     if not probs:
-        return np.zeros((0, model.num_classes)), np.zeros(0), np.zeros((0, 0))
+        return np.zeros((0, model.num_classes)), np.zeros(0), np.zeros((0, 0))  # type: ignore[arg-type]
     return np.concatenate(probs), np.concatenate(unc), np.concatenate(feats)
+
+
+def val_scorer(ctx: RunContext) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """The model-selection score on the val split (top-1), as ``fit`` expects it."""
+    val = np.asarray(ctx.split.val)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        probs, _, _ = predict_arrays(m, ctx.arrays_a, ctx.arrays_b, val, ctx.device)
+        met = classification_metrics(ctx.labels[val], probs, ctx.images.classes)
+        return {"score": met["top1"], "top1": met["top1"], "balanced_accuracy": met["balanced_accuracy"]}
+
+    return evaluate
+
+
+def split_metrics(ctx: RunContext, model: torch.nn.Module) -> dict[str, Any]:
+    """Val and test metrics of a selected model; saves the test features for the UMAP figures."""
+    results: dict[str, Any] = {}
+    for name in ("val", "test"):
+        idx = np.asarray(getattr(ctx.split, name))
+        probs, unc, feats = predict_arrays(model, ctx.arrays_a, ctx.arrays_b, idx, ctx.device)
+        results[name] = classification_metrics(ctx.labels[idx], probs, ctx.images.classes, uncertainty=unc)
+        if name == "test" and dist.is_main():
+            np.savez_compressed(ctx.run_dir / "test_features.npz", features=feats, labels=ctx.labels[idx])
+    return results
 
 
 def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = None) -> Path:
@@ -397,13 +424,6 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
         ctx.device,
         seed=cfg.seed,
     )
-    val = np.asarray(ctx.split.val)
-
-    def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        probs, _, _ = predict_arrays(m, ctx.arrays_a, ctx.arrays_b, val, ctx.device)  # type: ignore[arg-type]
-        met = classification_metrics(ctx.labels[val], probs, ctx.images.classes)
-        return {"score": met["top1"], "top1": met["top1"], "balanced_accuracy": met["balanced_accuracy"]}
-
     logger = MetricsLogger(ctx.run_dir)
     result = fit(
         model,
@@ -414,7 +434,7 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
         device=ctx.device,
         ckpt_dir=out,
         logger=logger,
-        evaluate=evaluate,
+        evaluate=val_scorer(ctx),
         eval_every=cfg.eval_every,
         precision=cfg.precision,
         resume=resume,
@@ -453,13 +473,7 @@ def load_finetuned(
 def evaluate(ctx: RunContext) -> dict[str, Any]:
     """Val and test metrics of the selected model; the test split is used here only, once."""
     model, _ = load_finetuned(ctx.run_dir, ctx.device)
-    results: dict[str, Any] = {}
-    for name in ("val", "test"):
-        idx = np.asarray(getattr(ctx.split, name))
-        probs, unc, feats = predict_arrays(model, ctx.arrays_a, ctx.arrays_b, idx, ctx.device)
-        results[name] = classification_metrics(ctx.labels[idx], probs, ctx.images.classes, uncertainty=unc)
-        if name == "test" and dist.is_main():
-            np.savez_compressed(ctx.run_dir / "test_features.npz", features=feats, labels=ctx.labels[idx])
+    results = split_metrics(ctx, model)
     results["method"] = "mics"
     results["labels"] = ctx.labels_ratio
     results["seed"] = ctx.cfg.seed
@@ -575,28 +589,6 @@ def baseline(
         seed=cfg.seed,
         use_unlabelled=method != "supervised",
     )
-    val = np.asarray(ctx.split.val)
-
-    def predict(m: torch.nn.Module, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from mics.data.views import to_float
-
-        m.eval()
-        probs, feats = [], []
-        with torch.no_grad():
-            for s in range(0, len(idx), 128):
-                x = to_float(
-                    torch.from_numpy(np.ascontiguousarray(ctx.arrays_a[idx[s : s + 128]])).to(ctx.device)
-                )
-                p, f = m.predict(x)  # type: ignore[operator]
-                probs.append(p.cpu().numpy())
-                feats.append(f.cpu().numpy())
-        m.train()
-        return np.concatenate(probs), np.concatenate(feats)
-
-    def evaluate_val(m: torch.nn.Module) -> dict[str, float]:
-        probs, _ = predict(m, val)
-        met = classification_metrics(ctx.labels[val], probs, ctx.images.classes)
-        return {"score": met["top1"], "top1": met["top1"], "balanced_accuracy": met["balanced_accuracy"]}
 
     logger = MetricsLogger(ctx.run_dir)
     result = fit(
@@ -608,20 +600,14 @@ def baseline(
         device=ctx.device,
         ckpt_dir=out,
         logger=logger,
-        evaluate=evaluate_val,
+        evaluate=val_scorer(ctx),
         eval_every=cfg.eval_every,
         precision=cfg.precision,
         resume=resume,
         extra=algorithm,
     )
     logger.close()
-    results: dict[str, Any] = {}
-    for name in ("val", "test"):
-        idx = np.asarray(getattr(ctx.split, name))
-        probs, feats = predict(model, idx)
-        results[name] = classification_metrics(ctx.labels[idx], probs, ctx.images.classes)
-        if name == "test" and dist.is_main():
-            np.savez_compressed(ctx.run_dir / "test_features.npz", features=feats, labels=ctx.labels[idx])
+    results = split_metrics(ctx, model)
     results.update(
         method=method,
         way=way,

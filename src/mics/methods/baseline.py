@@ -19,6 +19,7 @@ from mics.config import ModelConfig, RunConfig, SSLConfig
 from mics.data.views import strong, to_float, weak
 from mics.engine import distributed as dist
 from mics.engine.train import BatchFn, StepInfo
+from mics.methods.finetune import Prediction
 from mics.methods.pretrain import build_encoder, cycled_order
 from mics.methods.ssl import SSLAlgorithm
 from mics.models.heads import Classifier
@@ -87,11 +88,14 @@ class SSLTraining(nn.Module):
         logs.update({k: v for k, v in out.logs.items() if k not in logs})
         return sup + out.loss, logs
 
+    uses_partner = False  # evaluated on modality A alone, whatever way it was trained
+
     @torch.no_grad()
-    def predict(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """probs [B, C] and features [B, D] on modality A."""
-        feats = self.features(a)
-        return self.head(feats).float().softmax(dim=-1), feats.float()
+    def predict(self, a: torch.Tensor, b: torch.Tensor | None = None) -> Prediction:
+        """Probabilities [B, C], uncertainty 1 - max probability [B] and features [B, D] of modality A."""
+        feats = self.features(a).float()
+        probs = self.head(feats).float().softmax(dim=-1)
+        return Prediction(probs, 1.0 - probs.max(dim=-1).values, feats)
 
 
 def ssl_iterations(cfg: RunConfig, n_train: int, n_labelled: int) -> int:

@@ -56,6 +56,11 @@ class FusionFinetuning(nn.Module):
         self.dict_a: ShiftDictionary | None = None
         self.dict_b: ShiftDictionary | None = None
 
+    @property
+    def uses_partner(self) -> bool:
+        """Whether prediction needs the modality-B image."""
+        return self.cfg.use_nbi
+
     def set_dictionaries(self, dict_a: ShiftDictionary, dict_b: ShiftDictionary | None) -> None:
         # kept as buffers so they travel with .to(device) and land in checkpoints
         self.register_buffer("svd_a_prototypes", dict_a.prototypes.clone())
