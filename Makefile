@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+	rm -rf runs/demo
 	$(VENV)/bin/mics demo --out runs/demo
 
 test: setup
