@@ -336,7 +336,6 @@ def fit(
                         info={"epoch": epoch + 1, "score": scored["score"]},
                     )
         result.history.append(record)
-        logger.log(stage, (epoch + 1) * schedule.steps_per_epoch, record)
         if ckpt_dir is not None and dist.is_main():
             state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}
             if ema is not None:
@@ -354,6 +353,8 @@ def fit(
                     "stage": stage,
                 },
             )
+        # logged once the epoch is checkpointed: a run killed in between repeats the epoch, not its record
+        logger.log(stage, (epoch + 1) * schedule.steps_per_epoch, record)
         dist.barrier()
     bar.close()
     if evaluate is not None and ckpt_dir is not None and (Path(ckpt_dir) / "best.json").exists():
