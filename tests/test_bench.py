@@ -18,6 +18,7 @@ import pytest
 
 from mics import bench
 from mics.bench import Grid, GridError, cell_id, expand_cells, format_ratio, parse_grid, plan_cells
+from mics.config import apply_overrides
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs"
@@ -323,6 +324,40 @@ def test_a_started_owner_resumes_its_own_pretraining(tmp_path):
     tasks = plan_cells(cells, tmp_path).tasks
     assert tasks[1].resume and (tasks[1].pretrained, tasks[1].waits_for) == (None, None)
     assert tasks[0].pretrained == rd  # its finished pre-training serves the other ratio
+
+
+def _recorded_run(rd: Path, cell, cfg, *, method: str = "mics") -> Path:
+    """A run folder as ``mics run`` leaves it after pre-training: run.json, config.yaml, encoders."""
+    from mics.config import dump_yaml
+
+    (rd / "pretrain").mkdir(parents=True)
+    (rd / "run.json").write_text(
+        json.dumps({"method": method, "data": cell.data, "pair": cell.pair, "seed": cell.seed})
+    )
+    dump_yaml(cfg, rd / "config.yaml")
+    (rd / "pretrain" / "encoders.json").write_text("{}")
+    return rd
+
+
+def test_reuse_finds_pretrainings_of_other_benches_by_what_they_recorded(tmp_path):
+    cells = {c.id: c for c in expand_cells(small_grid())}
+    cell = cells["a__mics__l10__s0"]
+    cfg = cell.config()
+    other = tmp_path / "other"
+    same = _recorded_run(other / "runs" / "x__full__l50__s0", cell, cfg)
+    # a pre-training of another seed, another config, and a baseline: none matches the cell
+    _recorded_run(other / "runs" / "y", cells["a__mics__l10__s1"], cells["a__mics__l10__s1"].config())
+    _recorded_run(other / "runs" / "z", cell, apply_overrides(cfg, ["pretrain.epochs=7"]))
+    _recorded_run(other / "runs" / "w", cell, cfg, method="supervised")
+    found = bench.reusable_pretrainings([other])
+    assert found[cell.pretrain_key] == same
+    assert sorted(p.name for p in found.values()) == ["x__full__l50__s0", "y", "z"]  # not the baseline
+    plan = plan_cells([cell, cells["a__mics__l50__s0"]], tmp_path / "new", reuse=found)
+    assert [t.pretrained for t in plan.tasks] == [same, same] and plan.n_pretrainings == 0
+    # a single run folder works too; a folder that is neither is a clear error
+    assert bench.reusable_pretrainings([same]) == {cell.pretrain_key: same}
+    with pytest.raises(GridError, match="neither a bench folder"):
+        bench.reusable_pretrainings([tmp_path / "new"])
 
 
 def test_commands_of_cells(tmp_path):
@@ -737,3 +772,12 @@ def test_bench_end_to_end_on_the_bundled_sample(tmp_path):
     # a second bench over the folder finds the three cells finished and runs nothing
     proc = _mics(*args)
     assert proc.returncode == 0 and "0 cell(s) run, 3 finished" in proc.stdout
+
+
+def test_usage_error_is_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    # a glob given twice without repeating --only is an extra argument: click's usage error
+    code = _main(
+        monkeypatch, "bench", "--grid", CONFIGS / "table2-smoke.yaml", "--out", tmp_path, "--only", "a", "b"
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "unexpected extra argument" in err and "Traceback" not in err

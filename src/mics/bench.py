@@ -57,7 +57,7 @@ from typing import Any
 
 import yaml
 
-from mics.config import PRESETS, ConfigError, RunConfig, apply_overrides, to_dict
+from mics.config import PRESETS, ConfigError, RunConfig, apply_overrides, load_yaml, to_dict
 from mics.config import preset as preset_config
 
 MICS = "mics"
@@ -424,15 +424,59 @@ def resolve_data_path(path: str, grid_file: Path | None = None) -> str:
 def pretrain_key(cell: Cell, cfg: RunConfig) -> str:
     """Everything pre-training depends on: data, pairing, seed (split and initialisation), and the data,
     model and pre-training sections of the config. Label ratio and fine-tuning options are not in it."""
+    return _pretrain_key(cell.data, cell.pair, cell.seed, cell.skip_bad, cfg)
+
+
+def _pretrain_key(data: str, pair: str, seed: int, skip_bad: bool, cfg: RunConfig) -> str:
     payload = {
-        "path": cell.data,
-        "pair": cell.pair,
-        "seed": cell.seed,
-        "skip_bad": cell.skip_bad,
+        "path": data,
+        "pair": pair,
+        "seed": seed,
+        "skip_bad": skip_bad,
         "precision": cfg.precision,
         **{k: to_dict(getattr(cfg, k)) for k in ("data", "model", "pretrain")},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def recorded_pretrain_key(run_dir: Path) -> str | None:
+    """The pre-training key of a MICS run folder with finished encoders, from what the run recorded
+    (``run.json`` and the resolved ``config.yaml``); None for anything else. A run that dropped bad files
+    counts as ``--skip-bad``; one that did not matches only cells without it, so a key never matches a
+    pre-training on other data."""
+    run_dir = Path(run_dir)
+    if not _has_encoders(run_dir) or not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        cfg = load_yaml(run_dir / "config.yaml")
+        if info.get("method") != MICS:
+            return None
+        return _pretrain_key(
+            str(info["data"]), str(info["pair"]), int(info["seed"]), (run_dir / "dropped.csv").exists(), cfg
+        )
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return None
+
+
+def reusable_pretrainings(paths: Sequence[str | Path]) -> dict[str, Path]:
+    """Pre-training key -> run folder, over finished MICS pre-trainings in ``paths`` (bench folders, whose
+    ``runs/*`` are scanned, or single run folders), for ``mics bench --reuse``."""
+    found: dict[str, Path] = {}
+    for path in map(Path, paths):
+        if (path / "run.json").is_file():
+            candidates = [path]
+        elif (path / "runs").is_dir():
+            candidates = sorted(p for p in (path / "runs").iterdir() if p.is_dir())
+        else:
+            raise GridError(
+                f"--reuse {path}: neither a bench folder (with runs/) nor a run folder (with run.json)"
+            )
+        for rd in candidates:
+            key = recorded_pretrain_key(rd)
+            if key is not None:
+                found.setdefault(key, rd)
+    return found
 
 
 def expand_cells(
@@ -563,18 +607,25 @@ class Plan:
         return sum(1 for t in self.tasks if t.cell.method == MICS and t.role == "pre-trains")
 
 
-def plan_cells(cells: Sequence[Cell], out: Path, *, all_cells: Sequence[Cell] | None = None) -> Plan:
+def plan_cells(
+    cells: Sequence[Cell],
+    out: Path,
+    *,
+    all_cells: Sequence[Cell] | None = None,
+    reuse: Mapping[str, Path] | None = None,
+) -> Plan:
     """Which cells are finished, which resume, and which pre-training each MICS cell uses.
 
-    A finished pre-training of any grid cell (``all_cells``, not only the selected ones) with the same
-    pre-training key is reused; otherwise the first selected cell of that key pre-trains and the others
-    wait for its encoders.
+    A finished pre-training of any grid cell (``all_cells``, not only the selected ones) or of ``reuse``
+    (key -> run folder elsewhere, see :func:`reusable_pretrainings`) with the same pre-training key is
+    reused; otherwise the first selected cell of that key pre-trains and the others wait for its encoders.
     """
     out = Path(out)
-    sources: dict[str, Path] = {}
+    own: dict[str, Path] = {}
     for c in all_cells if all_cells is not None else cells:
-        if c.pretrain_key and c.pretrain_key not in sources and _has_encoders(run_dir_of(out, c)):
-            sources[c.pretrain_key] = run_dir_of(out, c)
+        if c.pretrain_key and c.pretrain_key not in own and _has_encoders(run_dir_of(out, c)):
+            own[c.pretrain_key] = run_dir_of(out, c)
+    sources = {**(reuse or {}), **own}
     owners: dict[str, str] = {}
     done: list[Cell] = []
     tasks: list[Task] = []
@@ -707,13 +758,15 @@ def run_bench(
     only: Sequence[str] = (),
     overrides: Sequence[str] = (),
     data_paths: Mapping[str, str] | None = None,
+    reuse: Sequence[str | Path] = (),
     python: str | None = None,
     poll_s: float = 0.5,
     progress: bool = True,
     command: str = "",
 ) -> BenchResult:
     """Run every unfinished cell of ``grid`` (those matching ``only``) into ``out/runs``, ``jobs`` at a
-    time, then write ``out/results.csv`` and ``out/results.md`` from all finished cells of the grid."""
+    time (MICS cells reuse matching pre-trainings found in ``reuse``), then write ``out/results.csv`` and
+    ``out/results.md`` from all finished cells of the grid."""
     from tqdm.auto import tqdm
 
     if jobs < 1:
@@ -721,7 +774,7 @@ def run_bench(
     out = Path(out)
     all_cells = expand_cells(grid, data_paths=data_paths, overrides=overrides)
     cells = select_cells(all_cells, only)
-    plan = plan_cells(cells, out, all_cells=all_cells)
+    plan = plan_cells(cells, out, all_cells=all_cells, reuse=reusable_pretrainings(reuse))
     _check_data(plan.tasks, grid)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     if grid.source is not None:

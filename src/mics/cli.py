@@ -338,6 +338,14 @@ def bench(
     only: Annotated[
         list[str] | None, typer.Option("--only", help="Run only cells whose id matches this glob (repeat).")
     ] = None,
+    reuse: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--reuse",
+            help="A bench or run folder whose finished MICS pre-trainings (same data, seed and pre-training "
+            "config) MICS cells may reuse (repeat).",
+        ),
+    ] = None,
 ) -> None:
     """Run a grid of cells (data set x method x way x label ratio x seed), resuming what is left; writes
     OUT/results.csv and OUT/results.md (the paper's Tables II-IV)."""
@@ -347,7 +355,12 @@ def bench(
     data_paths = bench_mod.parse_assignments(set_data or [], "--set-data")
     if dry_run:
         cells = bench_mod.expand_cells(spec, data_paths=data_paths, overrides=set_ or [])
-        plan = bench_mod.plan_cells(bench_mod.select_cells(cells, only or []), out, all_cells=cells)
+        plan = bench_mod.plan_cells(
+            bench_mod.select_cells(cells, only or []),
+            out,
+            all_cells=cells,
+            reuse=bench_mod.reusable_pretrainings(reuse or []),
+        )
         typer.echo(bench_mod.describe_plan(plan, out))
         return
     try:
@@ -358,6 +371,7 @@ def bench(
             only=only or [],
             overrides=set_ or [],
             data_paths=data_paths,
+            reuse=reuse or [],
             command=_command(),
         )
     except KeyboardInterrupt:
@@ -405,14 +419,15 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click's usage errors carry their own exit code and message
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:
+        # Usage errors carry their own message and exit code. Newer typer vendors click, so they are
+        # not instances of click.ClickException: recognise them by their interface.
+        show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):
+            show()
+            sys.exit(exit_code)
         raise
     if code == 130:
         typer.secho("interrupted; continue with --resume", fg=typer.colors.YELLOW, err=True)
