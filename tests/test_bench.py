@@ -221,7 +221,9 @@ def test_grid_scales_data_sets_seeds_and_ratios():
         "../shared/data/milk10k-paired-128": "suffix:clinical,dermoscopic",
         "../shared/data/hyperkvasir-partial-128": "auto",
     }
-    assert len(expand_cells(cpu)) == 2 * 3 * (2 * 16 + 1)
+    assert {d.name: d.labels for d in cpu.datasets} == {"milk10k": (0.5, 0.3, 0.1, 0.05), "hyperkvasir": None}
+    # 16 method rows at 4 + 2 ratios and fully supervised on both packs, 3 seeds
+    assert len(expand_cells(cpu)) == 3 * (16 * (4 + 2) + 2)
     assert paper.labels == (0.5, 0.3, 0.1, 0.05)
     assert {d.name: (d.path, d.paper) for d in paper.datasets} == {
         "kvasir": ("${MICS_KVASIR}", "Kvasir"),
