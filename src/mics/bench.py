@@ -449,11 +449,14 @@ def recorded_pretrain_key(run_dir: Path) -> str | None:
         return None
     try:
         info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-        cfg = load_yaml(run_dir / "config.yaml")
         if info.get("method") != MICS:
             return None
         return _pretrain_key(
-            str(info["data"]), str(info["pair"]), int(info["seed"]), (run_dir / "dropped.csv").exists(), cfg
+            str(info["data"]),
+            str(info["pair"]),
+            int(info["seed"]),
+            (run_dir / "dropped.csv").exists(),
+            load_yaml(run_dir / "config.yaml"),
         )
     except (OSError, ValueError, KeyError, TypeError, ConfigError):
         return None

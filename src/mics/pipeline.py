@@ -346,14 +346,13 @@ def predict_arrays(
 
     model.eval()
     probs, unc, feats = [], [], []
-    with torch.no_grad():
-        for start in range(0, len(indices), batch_size):
-            sel = np.asarray(indices[start : start + batch_size])
-            b = load(arrays_b, sel) if arrays_b is not None and model.uses_partner else None
-            p = model.predict(load(arrays_a, sel), b)  # type: ignore[operator]
-            probs.append(p.probs.cpu().numpy())
-            unc.append(p.uncertainty.cpu().numpy())
-            feats.append(p.features.cpu().numpy())
+    for start in range(0, len(indices), batch_size):
+        sel = np.asarray(indices[start : start + batch_size])
+        b = load(arrays_b, sel) if arrays_b is not None and model.uses_partner else None
+        p = model.predict(load(arrays_a, sel), b)  # type: ignore[operator]
+        probs.append(p.probs.cpu().numpy())
+        unc.append(p.uncertainty.cpu().numpy())
+        feats.append(p.features.cpu().numpy())
     model.train()
     if not probs:
         return np.zeros((0, model.num_classes)), np.zeros(0), np.zeros((0, 0))  # type: ignore[arg-type]
