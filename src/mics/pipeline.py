@@ -16,7 +16,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,9 @@ from mics.engine.logging import MetricsLogger, info
 from mics.engine.train import Schedule, fit, resolve_device, seed_all
 from mics.eval.metrics import classification_metrics
 from mics.methods.finetune import FusionFinetuning, labelled_batches
-from mics.methods.pretrain import SynergisticPretraining, build_encoder, pair_batches
+from mics.methods.pretrain import SynergisticPretraining, build_encoder, class_weights, pair_batches
 from mics.methods.svd import ShiftDictionary, build_dictionary, encode_features
+from mics.models.init import init_encoders
 from mics.nbi import get_generator
 
 STAGES = ("pretrain", "svd", "finetune", "evaluate")
@@ -106,8 +107,6 @@ def init_run(
     run_dir = Path(run_dir)
     cfg = cfg or preset_config("cpu")
     if seed is not None:
-        from dataclasses import replace
-
         cfg = replace(cfg, seed=seed)
     if not 0.0 < labels <= 1.0:
         raise DataError(f"--labels must be a fraction in (0, 1], got {labels}")
@@ -247,8 +246,15 @@ def pretrain(ctx: RunContext, resume: bool = False) -> Path:
         cfg.pretrain.weight_decay,
         warmup_steps=cfg.pretrain.warmup_epochs * spe,
     )
+    init_encoders(model, cfg.model.init)
     batches = pair_batches(
-        ctx.arrays_a, ctx.arrays_b, train, cfg.pretrain.batch_size // world, ctx.device, seed=cfg.seed
+        ctx.arrays_a,
+        ctx.arrays_b,
+        train,
+        cfg.pretrain.batch_size // world,
+        ctx.device,
+        seed=cfg.seed,
+        shared_aug=cfg.data.paired_aug == "shared",
     )
     logger = MetricsLogger(ctx.run_dir)
     fit(
@@ -403,6 +409,8 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
             ShiftDictionary(**svd_state["b"]) if cfg.finetune.use_nbi else None,
         )
     labelled = np.asarray(ctx.labelled)
+    if cfg.data.class_balance == "reweight":
+        model.class_weights.copy_(class_weights(ctx.labels, labelled, ctx.num_classes))
     spe = finetune_steps_per_epoch(cfg, len(labelled))
     schedule = Schedule(
         cfg.finetune.epochs,
@@ -422,6 +430,8 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
         spe,
         ctx.device,
         seed=cfg.seed,
+        balance=cfg.data.class_balance,
+        shared_aug=cfg.data.paired_aug == "shared",
     )
     logger = MetricsLogger(ctx.run_dir)
     result = fit(
@@ -455,9 +465,13 @@ def load_finetuned(
     meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     cfg = load_yaml(run_dir / "config.yaml")
     device = device or resolve_device(cfg.device)
-    model = FusionFinetuning(cfg.model, cfg.finetune, cfg.svd, cfg.data.image_size, len(meta["classes"]))
     state, _ = load_checkpoint(run_dir / "finetune" / "best", map_location="cpu")
     weights = state["model"]
+    if "evidence_f.fc.weight" in weights and cfg.finetune.fused_evidence != "head":
+        # a run folder of the first version (separate fused evidence head) predates the config field
+        cfg = replace(cfg, finetune=replace(cfg.finetune, fused_evidence="head"))
+    weights.setdefault("class_weights", torch.ones(len(meta["classes"])))
+    model = FusionFinetuning(cfg.model, cfg.finetune, cfg.svd, cfg.data.image_size, len(meta["classes"]))
     if cfg.finetune.use_svd:
         model.set_dictionaries(
             ShiftDictionary(weights["svd_a_prototypes"], weights["svd_a_shifts"]),
@@ -565,7 +579,10 @@ def baseline(
     spe = math.ceil(total / epochs)
     seed_all(cfg.seed)
     algorithm = build_algorithm(method, ctx.num_classes, len(unlabelled), cfg.ssl)
+    if cfg.data.class_balance == "reweight":
+        algorithm.class_weights = class_weights(ctx.labels, labelled, ctx.num_classes)
     model = SSLTraining(cfg.model, cfg.data.image_size, ctx.num_classes, algorithm)
+    init_encoders(model, cfg.model.init)
     schedule = Schedule(
         epochs,
         spe,
@@ -587,6 +604,7 @@ def baseline(
         ctx.device,
         seed=cfg.seed,
         use_unlabelled=method != "supervised",
+        balance=cfg.data.class_balance,
     )
 
     logger = MetricsLogger(ctx.run_dir)
