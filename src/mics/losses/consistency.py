@@ -47,9 +47,11 @@ def positive_targets(
 
     idx: [B] sample indices of the batch; idx_keys: [B + K] indices of the keys (-1 = no sample).
     """
+    # float64 where the device has it: 1/n is rounded once, when the targets meet the logits' dtype
+    dtype = torch.float32 if device.type == "mps" else torch.float64
     if idx is None or idx_keys is None:
-        return torch.eye(batch, num_keys, device=device)
-    same = (idx.view(-1, 1) == idx_keys.view(1, -1)).float()
+        return torch.eye(batch, num_keys, device=device, dtype=dtype)
+    same = (idx.view(-1, 1) == idx_keys.view(1, -1)).to(dtype)
     return same / same.sum(dim=1, keepdim=True)
 
 

@@ -139,7 +139,7 @@ class FeatureQueue(nn.Module):
     def indices(self) -> Tensor:
         """Sample index of each stored row [size] (-1 = empty); needs ``track_index``."""
         if not self.track_index:
-            raise AttributeError("this queue does not track sample indices (track_index=False)")
+            raise RuntimeError("this queue does not track sample indices (track_index=False)")
         return self.index.detach()
 
     def extra_repr(self) -> str:

@@ -40,7 +40,8 @@ class Dash(SSLAlgorithm):
     max(1, round(``rho_window_frac`` * W)) steps (USB computes rho from the model at the end of warm-up;
     a mean over all of it would include the loss at initialisation, log C, and start rho far too high).
     From step W on, with k = (step - W) // period, rho = max(C * gamma^-k * rho_hat, rho_min); the target
-    is softmax(logits_w / T) while rho > rho_min and argmax once rho = rho_min; mask_b = 1[CE(logits_w_b, target_b) <= rho];
+    is softmax(logits_w / T) while rho > rho_min and argmax once rho = rho_min;
+    mask_b = 1[CE(logits_w_b, target_b) <= rho];
     L_u = lambda_u * mean_b mask_b * CE(logits_s_b, target_b).
     W = ``warmup_steps`` if positive, else round(``warmup_frac`` * total_steps) (at least 1);
     period = max(1, round(``rho_period_frac`` * total_steps)); T = ``cfg.temperature``.
@@ -69,7 +70,8 @@ class Dash(SSLAlgorithm):
         self.warmup_loss_sum = 0.0
         self.warmup_loss_count = 0
         self.warmup_length = -1
-        self._provisional_step = 0  # the step counted before the warm-up length was known
+        # (step, loss) observed before the warm-up length is known (step 0 in the training loop)
+        self._provisional: list[tuple[int, float]] = []
 
     def warmup_steps(self, total_steps: int) -> int:
         """Number of supervised-only iterations at the start of a run of ``total_steps``."""
@@ -103,15 +105,12 @@ class Dash(SSLAlgorithm):
         """Accumulate the labelled losses of the last steps of the warm-up; others are ignored.
 
         The warm-up length depends on total_steps, which only ``unlabelled_loss`` is told; it is kept in
-        the state. Until the first ``unlabelled_loss`` call a step is counted provisionally, and dropped
-        there if it lies before the window.
+        the state. Losses observed before the first ``unlabelled_loss`` call are held and filtered there.
         """
         if not math.isfinite(sup_loss):
             raise ValueError(f"dash: the labelled loss at step {step} is not finite ({sup_loss})")
         if self.warmup_length < 0:
-            self.warmup_loss_sum += float(sup_loss)
-            self.warmup_loss_count += 1
-            self._provisional_step = step
+            self._provisional.append((step, float(sup_loss)))
             return
         window_start = self.warmup_length - self.rho_window(self.warmup_length)
         if window_start <= step < self.warmup_length:
@@ -132,9 +131,12 @@ class Dash(SSLAlgorithm):
         self._check_logits(logits_w, logits_s, idx)
         self._check_steps(step, total_steps)
         warmup = self.warmup_steps(total_steps)
-        first_call = self.warmup_length < 0 and self.warmup_loss_count > 0
-        if first_call and self._provisional_step < warmup - self.rho_window(warmup):
-            self.warmup_loss_sum, self.warmup_loss_count = 0.0, 0
+        if self.warmup_length < 0:
+            start = warmup - self.rho_window(warmup)
+            kept = [loss for s, loss in self._provisional if start <= s < warmup]
+            self.warmup_loss_sum += sum(kept)
+            self.warmup_loss_count += len(kept)
+            self._provisional.clear()
         self.warmup_length = warmup
         logits_w = logits_w.detach().float()
         if step < warmup:
