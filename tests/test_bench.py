@@ -219,7 +219,7 @@ def test_grid_scales_data_sets_seeds_and_ratios():
     assert cpu.seeds == (0, 1, 2) and cpu.labels == (0.1, 0.05)
     assert {d.path: d.pair for d in cpu.datasets} == {
         "../shared/data/milk10k-paired-128": "suffix:clinical,dermoscopic",
-        "../shared/data/hyperkvasir-partial-128": "auto",
+        "../shared/data/hyperkvasir-5class-128": "virtual-nbi",
     }
     assert {d.name: d.labels for d in cpu.datasets} == {"milk10k": (0.5, 0.3, 0.1, 0.05), "hyperkvasir": None}
     # 16 method rows at 4 + 2 ratios and fully supervised on both packs, 3 seeds
