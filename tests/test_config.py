@@ -48,3 +48,22 @@ def test_unknown_preset_and_partial_dict():
         preset("huge")
     cfg = from_dict({"preset": "smoke", "seed": 7})
     assert cfg.seed == 7 and cfg.model == preset("smoke").model
+
+
+def test_dump_yaml_is_atomic_so_a_full_disk_keeps_the_old_config(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    path = tmp_path / "config.yaml"
+    dump_yaml(preset("smoke"), path)
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError) as info:
+        dump_yaml(preset("paper"), path)
+    assert info.value.filename == str(path)
+    monkeypatch.undo()
+    assert load_yaml(path) == preset("smoke")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

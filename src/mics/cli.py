@@ -1,7 +1,9 @@
 """Command line: a thin layer over :mod:`mics.pipeline`.
 
-User errors (bad data, bad options, unusable run folders) print one clear message and exit with code 2;
-tracebacks are kept for real bugs, and shown for everything with ``--debug``.
+User errors (bad data, bad options, unusable run folders, and what the operating system refuses: a
+read-only folder, a full disk... see :mod:`mics.errors`) print one clear message and exit with code 2;
+tracebacks are kept for real bugs; with ``--debug`` a user error shows its traceback above the message.
+Heavy modules (torch, the pipeline) are imported inside the commands, so that ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -10,20 +12,23 @@ import json
 import shlex
 import sys
 import time
+import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mics.config import ConfigError, RunConfig, apply_overrides, load_yaml
-from mics.config import preset as preset_config
+if TYPE_CHECKING:
+    from mics.config import RunConfig
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="MICS: multimodal semi-supervised medical image classification (and its baselines).",
+    rich_markup_mode=None,  # plain help: rich's formatter alone doubles the time `mics --help` takes
+    help="MICS: multimodal semi-supervised medical image classification (and its baselines). "
+    "Put --debug before the command (mics --debug run ...) to see the full traceback of an error.",
 )
 
 _DEBUG = {"on": False}
@@ -65,6 +70,9 @@ RunOpt = Annotated[Path, typer.Option("--run", help="An existing run folder.")]
 def _config(
     preset: Preset, config: Path | None, overrides: list[str] | None, device: str | None
 ) -> RunConfig:
+    from mics.config import apply_overrides, load_yaml
+    from mics.config import preset as preset_config
+
     cfg = load_yaml(config) if config is not None else preset_config(preset.value)
     extra = list(overrides or [])
     if device:
@@ -107,11 +115,6 @@ def _print_table(runs: dict[str, dict[str, Any]]) -> None:
             str(m.get("wall_s", "")),
         )
     Console(stderr=False).print(table)
-
-
-@app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
-    _DEBUG["on"] = debug
 
 
 @app.command()
@@ -400,20 +403,28 @@ def figures(
         typer.echo(str(path))
 
 
+_RESUMABLE = frozenset({"run", "baseline", "pretrain", "finetune", "demo"})
+
+
+def _retry_advice() -> str:
+    """How to carry on after an error that stopped work halfway (a full disk, too many open files)."""
+    args = sys.argv[1:]
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command in _RESUMABLE and "--resume" not in args:
+        return "rerun the same command with --resume"
+    return "run the same command again"
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one-line messages."""
-    from mics.data.errors import DataError
-    from mics.engine.checkpoint import CheckpointError
-    from mics.engine.train import NonFiniteLossError
-    from mics.pipeline import RunError
+    from mics.errors import user_message
 
+    # --debug is read here rather than declared on the app: an option of the group makes typer build its
+    # pydantic validators (half a second) before a command's --help can answer
+    args = sys.argv[1:]
+    _DEBUG["on"] = args[:1] == ["--debug"]
     try:
-        code = app(standalone_mode=False)
-    except (DataError, RunError, ConfigError, CheckpointError, NonFiniteLossError) as err:
-        if _DEBUG["on"]:
-            raise
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        code = app(args=args[1:] if _DEBUG["on"] else args, standalone_mode=False)
     except KeyboardInterrupt:
         typer.secho("interrupted; continue with --resume", fg=typer.colors.YELLOW, err=True)
         sys.exit(130)
@@ -422,6 +433,12 @@ def main() -> None:
     except typer.Abort:
         sys.exit(1)
     except Exception as exc:
+        message = user_message(exc, retry=_retry_advice())
+        if message is not None:
+            if _DEBUG["on"]:
+                traceback.print_exc()
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
         # Usage errors carry their own message and exit code. Newer typer vendors click, so they are
         # not instances of click.ClickException: recognise them by their interface.
         show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)

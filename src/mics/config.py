@@ -319,4 +319,7 @@ def load_yaml(path: str | Path) -> RunConfig:
 
 
 def dump_yaml(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    # atomic: a config.yaml cut short by a full disk would stop every later --resume
+    from mics.files import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -124,9 +124,10 @@ def init_run(
             raise RunError(f"{run_dir} was made for data {meta['data']}, not {data}")
         cfg = load_yaml(run_dir / "config.yaml")
         labels = float(meta["labels"])
+    # an unusable --out (under a file, read-only) fails now, not after every image has been checked
+    run_dir.mkdir(parents=True, exist_ok=True)
     images = discover(data, pair=pair)
     images, dropped = validate(images, skip_bad=skip_bad, progress=dist.is_main())
-    run_dir.mkdir(parents=True, exist_ok=True)
     if dropped and dist.is_main():
         write_dropped(dropped, run_dir / "dropped.csv")
         info(f"dropped {len(dropped)} bad samples; list written to {run_dir / 'dropped.csv'}")

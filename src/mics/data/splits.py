@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ import numpy as np
 
 from mics.data.errors import DataError
 from mics.data.layouts import ImageSet
+from mics.files import atomic_write_text
 
 SPLIT_FORMAT = 1
 PARTS: tuple[str, str, str] = ("train", "val", "test")
@@ -149,7 +148,7 @@ def save_split(split: Split, images: ImageSet, path: Path) -> None:
             {"index": i, "path": images.relpath(images.samples[i].path_a), "label": images.samples[i].label}
             for i in getattr(split, name)
         ]
-    _write_atomic(Path(path), json.dumps(record, indent=1))
+    atomic_write_text(Path(path), json.dumps(record, indent=1))
 
 
 def load_split(path: Path, images: ImageSet) -> Split:
@@ -198,18 +197,3 @@ def load_split(path: Path, images: ImageSet) -> Split:
         seed=seed,
         fractions=(fractions[0], fractions[1], fractions[2]),
     )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder + ``os.replace`` so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mics.data.errors import DataError
 from mics.data.layouts import ImageSet
+from mics.errors import naming
 
 # 8192 x 8192: far above any endoscopic or dermoscopic frame, small enough that a corrupt header
 # claiming a gigapixel image is refused before its buffer is allocated.
@@ -247,8 +248,9 @@ def _check_class_sizes(images: ImageSet, min_per_class: int, dropped_any: bool) 
 def write_dropped(dropped: Iterable[Dropped], path: Path) -> None:
     """Write the dropped files as a CSV with columns ``path,reason``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "reason"])
-        writer.writerows([str(d.path), d.reason] for d in dropped)
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "reason"])
+            writer.writerows([str(d.path), d.reason] for d in dropped)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,33 +22,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mics.errors import naming
+from mics.files import atomic_write_bytes as atomic_write_bytes
+from mics.files import atomic_write_json as atomic_write_json
+from mics.files import atomic_write_text as atomic_write_text
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or not ours."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def sha256_file(path: Path) -> str:
@@ -151,18 +133,19 @@ def save_checkpoint(path_stem: Path, state: dict[str, Any], info: dict[str, Any]
     _mark_int_keys("", state, meta)
     flatten_state("", state, tensors, meta)
     weights = path_stem.with_suffix(".safetensors")
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
-    os.close(fd)
-    try:
-        save_file(_dedupe_storage(tensors), tmp, metadata={"format": "mics-checkpoint-v1"})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        digest = sha256_file(Path(tmp))
-        os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with naming(weights):
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
+        os.close(fd)
+        try:
+            _save_tensors(_dedupe_storage(tensors), tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            digest = sha256_file(Path(tmp))
+            os.replace(tmp, weights)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     atomic_write_json(
         path_stem.with_suffix(".json"),
         {
@@ -173,6 +156,22 @@ def save_checkpoint(path_stem: Path, state: dict[str, Any], info: dict[str, Any]
             "values": meta,
         },
     )
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    try:
+        save_file(tensors, path, metadata={"format": "mics-checkpoint-v1"})
+    except Exception as err:
+        # safetensors reports the system's errors (a full disk...) as its own type, the errno only in the
+        # text ("I/O error: No space left on device (os error 28)"): give them back their OSError
+        found = None if isinstance(err, OSError) else _OS_ERROR.search(str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), path) from err
 
 
 def _dedupe_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

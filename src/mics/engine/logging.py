@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mics.engine.distributed import is_main
+from mics.errors import naming
 
 
 class MetricsLogger:
@@ -34,8 +37,7 @@ class MetricsLogger:
             return
         clean = {k: _plain(v) for k, v in values.items()}
         record = {"time": round(time.time(), 3), "stage": stage, "step": step, **clean}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -46,6 +48,29 @@ class MetricsLogger:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` whole or not at all.
+
+    A full disk can take half a line; left there, the next record (after ``--resume``) would be glued to
+    it and the file would no longer read as one JSON record per line. So a failed append is cut off.
+    """
+    data = (line + "\n").encode("utf-8")
+    with naming(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
 
 
 def _plain(v: Any) -> Any:

@@ -8,6 +8,7 @@ the paper's numbers). Figures are drawn with matplotlib's object API on the Agg 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mics.files import atomic_write_bytes
 
 Embedder = Callable[[np.ndarray], np.ndarray]
 
@@ -59,8 +62,10 @@ def _figure(n_panels: int, *, ncols: int, panel: tuple[float, float]) -> tuple[A
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=110)
+    # atomic: a full disk must not leave a truncated PNG that passes for a figure
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
