@@ -14,7 +14,7 @@ import pytest
 
 from mics import pipeline
 from mics.config import preset
-from tests.conftest import MILK
+from tests.conftest import GI
 
 SMOKE = preset("smoke")
 CFG = replace(
@@ -54,10 +54,12 @@ def _epochs(run_dir: Path, stage: str) -> list[int]:
     return [int(r["epoch"]) for r in map(json.loads, lines) if r["stage"] == stage]
 
 
-@pytest.mark.parametrize(("stage", "factory"), [("pretrain", "pair_batches"), ("finetune", "labelled_batches")])
+@pytest.mark.parametrize(
+    ("stage", "factory"), [("pretrain", "pair_batches"), ("finetune", "labelled_batches")]
+)
 def test_resumed_stage_skips_the_epochs_already_trained(tmp_path, monkeypatch, stage, factory):
     run_dir = tmp_path / "run"
-    ctx = pipeline.init_run(MILK, run_dir, cfg=CFG, labels=0.2, seed=4)
+    ctx = pipeline.init_run(GI, run_dir, cfg=CFG, labels=0.2, seed=4)
     original = getattr(pipeline, factory)
     if stage == "finetune":
         pipeline.pretrain(ctx)
@@ -85,13 +87,15 @@ def test_resumed_stage_skips_the_epochs_already_trained(tmp_path, monkeypatch, s
 def test_a_finished_run_resumes_without_training(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     cfg = replace(CFG, pretrain=replace(CFG.pretrain, epochs=1), finetune=replace(CFG.finetune, epochs=1))
-    first = pipeline.run(MILK, run_dir, cfg=cfg, labels=0.2, seed=4)
+    first = pipeline.run(GI, run_dir, cfg=cfg, labels=0.2, seed=4)
     calls: list[int] = []
     for factory in ("pair_batches", "labelled_batches"):
         monkeypatch.setattr(pipeline, factory, _spy(calls)(getattr(pipeline, factory)))
     built: list[Any] = []
     build_dictionary = pipeline.build_dictionary
-    monkeypatch.setattr(pipeline, "build_dictionary", lambda *a, **k: built.append(1) or build_dictionary(*a, **k))
-    again = pipeline.run(MILK, run_dir, cfg=cfg, labels=0.2, seed=4, resume=True)
+    monkeypatch.setattr(
+        pipeline, "build_dictionary", lambda *a, **k: built.append(1) or build_dictionary(*a, **k)
+    )
+    again = pipeline.run(GI, run_dir, cfg=cfg, labels=0.2, seed=4, resume=True)
     assert calls == [] and built == []
     assert again["test"]["confusion"] == first["test"]["confusion"]

@@ -11,7 +11,7 @@ import pytest
 
 from mics import pipeline
 from mics.config import preset
-from tests.conftest import GI, MILK
+from tests.conftest import GI
 from tests.pipeline_spies import Reads, phased_fit, recording
 
 SMOKE = preset("smoke")
@@ -37,7 +37,7 @@ def _splits(ctx: pipeline.RunContext) -> tuple[set[int], set[int], set[int], set
 def test_mics_stages_read_only_their_split(tmp_path, monkeypatch):
     reads = Reads()
     monkeypatch.setattr(pipeline, "fit", phased_fit(pipeline.fit, reads))
-    ctx = _spied_context(MILK, tmp_path / "run", reads)
+    ctx = _spied_context(GI, tmp_path / "run", reads)
     train, val, test, labelled = _splits(ctx)
     assert labelled < train and not train & val and not train & test and not val & test
 
@@ -115,7 +115,7 @@ def test_supervised_baseline_reads_only_labelled_images(tmp_path, monkeypatch):
 
 
 def test_labelled_subset_is_drawn_from_train_only(tmp_path):
-    ctx = pipeline.init_run(MILK, tmp_path / "run", cfg=CFG, labels=1.0, seed=1)
+    ctx = pipeline.init_run(GI, tmp_path / "run", cfg=CFG, labels=1.0, seed=1)
     train, val, test, labelled = _splits(ctx)
     assert labelled == train  # 100 % labels: all of train, and still nothing of val or test
     assert np.isin(list(labelled), list(val | test)).sum() == 0

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tests.test_ddp import FT_EPOCHS, FT_STEPS, _assert_states_close, _free_port, finetune_run
 
 from mics.engine import distributed as dist
-from tests.test_ddp import FT_EPOCHS, FT_STEPS, _assert_states_close, _free_port, finetune_run
 
 WORLD = 2
 

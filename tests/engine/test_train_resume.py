@@ -120,7 +120,12 @@ def test_resume_runs_only_the_epochs_after_the_checkpoint(tmp_path):
     fresh = model.lin.weight.detach().clone()
     # the resumed run scores every epoch -1: epoch 1 stays the best only if the selection was restored
     result = _fit(
-        tmp_path / "ckpt", model, _batch_fn(calls, resumed_counter), resumed_counter, resume=True, first_score=-1
+        tmp_path / "ckpt",
+        model,
+        _batch_fn(calls, resumed_counter),
+        resumed_counter,
+        resume=True,
+        first_score=-1,
     )
     assert calls == [2, 3], "epochs before the checkpoint were run again"
     assert model.epochs_seen == [2, 3]

@@ -32,7 +32,9 @@ UNLABELLED = np.arange(N)  # USB's convention: the labelled images are in the un
 
 
 def _constant_images(offset: int) -> np.ndarray:
-    return (np.arange(N, dtype=np.uint8)[:, None, None, None] + offset) * np.ones((1, 3, SIZE, SIZE), np.uint8)
+    return (np.arange(N, dtype=np.uint8)[:, None, None, None] + offset) * np.ones(
+        (1, 3, SIZE, SIZE), np.uint8
+    )
 
 
 def _sample_ids(x: torch.Tensor, offset: int) -> list[int]:

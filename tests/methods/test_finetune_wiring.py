@@ -142,7 +142,7 @@ def test_each_dictionary_picks_its_prototype_with_its_own_modality():
     dict_a, dict_b = _dictionaries(feats["cls_a"][0], feats["cls_b"][0])
     model.set_dictionaries(dict_a, dict_b)
     axes = _shift_directions(model, batch)
-    # A's dictionary, chosen by cls_a, gives its cluster 0 (axis 0); B's, chosen by cls_b, its cluster 0 (axis 2)
+    # A's dictionary, chosen by cls_a, gives cluster 0 (axis 0); B's, chosen by cls_b, cluster 0 (axis 2)
     assert sorted(axes) == [0, 2], axes
 
 

@@ -57,7 +57,9 @@ class Recorder:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            self.calls[name].append((tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args), output))
+            self.calls[name].append(
+                (tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args), output)
+            )
 
         return hook
 
@@ -112,7 +114,9 @@ def test_one_shared_decoder_reconstructs_each_encoders_own_image():
         assert torch.equal(args[1], ids_restore), f"the decoder did not get {which}'s restore order"
         pred = call[1].detach()
         enc = getattr(model, which)
-        targets[which] = masked_reconstruction(enc.patchify(imgs), pred, mask, norm_pix=model.cfg.norm_pix_loss)
+        targets[which] = masked_reconstruction(
+            enc.patchify(imgs), pred, mask, norm_pix=model.cfg.norm_pix_loss
+        )
     own_sum = targets["enc_a"] + targets["enc_b"]
     l_res = logs["l_res"]
     # Eq. 6 as a sum or, equivalently up to the weight, a mean of the two terms
@@ -183,9 +187,7 @@ def test_online_projections_and_alignment_embeddings_read_their_own_cls():
 )
 def test_the_step_loss_is_the_weighted_sum_of_the_logged_terms(switches):
     """Each logged term enters L_pre with its own weight (Eq. 9); weights that differ catch a swap."""
-    cfg = replace(
-        CFG.pretrain, w_consistency=0.3, w_reconstruction=1.7, w_alignment=2.9, **switches
-    )
+    cfg = replace(CFG.pretrain, w_consistency=0.3, w_reconstruction=1.7, w_alignment=2.9, **switches)
     torch.manual_seed(0)
     model = SynergisticPretraining(CFG.model, cfg, SIZE, n_train=64, global_batch=B)
     loss, logs = model(_batch(), _info())

@@ -87,3 +87,30 @@ def test_the_dictionary_is_reproducible_from_its_seed():
     a, b = build_dictionary(feats, 2, cfg, seed=5), build_dictionary(feats, 2, cfg, seed=5)
     assert torch.equal(a.shifts, b.shifts) and torch.equal(a.prototypes, b.prototypes)
     assert not torch.equal(a.shifts, build_dictionary(feats, 2, cfg, seed=6).shifts)
+
+
+class _ChannelMeans(torch.nn.Module):
+    """A stand-in encoder: one token per image, the mean of each input channel; records its mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.training)
+        return x.flatten(2).mean(-1)[:, None, :]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_encode_features_reads_the_selected_images_in_order_in_eval_mode(training):
+    from mics.data.views import to_float
+    from mics.methods.svd import encode_features
+
+    images = np.random.default_rng(0).integers(0, 256, (9, 3, 8, 8), dtype=np.uint8)
+    indices = np.array([7, 2, 5, 0, 8])
+    encoder = _ChannelMeans().train(training)
+    feats = encode_features(encoder, images, indices, torch.device("cpu"), batch_size=2)
+    want = to_float(torch.from_numpy(images[indices])).flatten(2).mean(-1)
+    torch.testing.assert_close(feats, want)
+    assert encoder.modes == [False, False, False], "features must come from the encoder in eval mode"
+    assert encoder.training == training, "the encoder's mode must be restored"
