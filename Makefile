@@ -9,7 +9,7 @@ else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: setup demo test test-slow test-ddp lint bench clean
+.PHONY: setup demo test test-slow test-ddp lint bench clean mutation
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ test-ddp: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/mypy
+
+# mutation testing of the stages (mutmut; hours on 2 cores, not part of CI): kill rate per module, survivors
+mutation: setup
+	$(PY) -m pip install --quiet -e '.[mutation]'
+	$(PY) scripts/mutation.py $(GROUPS)
 
 bench: setup
 	$(PY) benchmarks/throughput.py --preset cpu
