@@ -169,6 +169,9 @@ def main() -> int:
     parser.add_argument("groups", nargs="*", help=f"groups to run (default: {', '.join(GROUPS)})")
     parser.add_argument("--report", action="store_true", help="only print the results so far")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
+    parser.add_argument(
+        "--survivors", action="store_true", help="test the surviving mutants again (after new tests)"
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.groups) - set(GROUPS))
     if unknown:
@@ -178,6 +181,12 @@ def main() -> int:
         for group in groups:
             folder = prepare(group)
             cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+            if args.survivors:
+                alive = [n for n, c in results(group).items() if status(c) not in ("killed", "not run")]
+                alive = [n for n in alive if n not in equivalent_mutants()]
+                if not alive:
+                    continue
+                cmd += alive
             print(f"$ (cd {folder.relative_to(ROOT)} && {' '.join(cmd[1:])})", flush=True)
             subprocess.run(cmd, cwd=folder, check=False)
     report(groups)
