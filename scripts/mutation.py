@@ -197,7 +197,8 @@ def main() -> int:
                 if not alive:
                     continue
                 cmd += alive
-            print(f"$ (cd {folder.relative_to(ROOT)} && {' '.join(cmd[1:])})", flush=True)
+            shown = " ".join(["mutmut", *cmd[3:]]) if len(cmd) < 12 else f"mutmut {' '.join(cmd[3:6])} ..."
+            print(f"$ (cd {folder.relative_to(ROOT)} && {shown})", flush=True)
             subprocess.run(cmd, cwd=folder, check=False)
     report(groups)
     return 0
