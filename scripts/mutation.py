@@ -45,7 +45,11 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "baseline": (["src/mics/methods/baseline.py"], ["tests/methods/test_baseline_wiring.py"]),
     "train": (
         ["src/mics/engine/train.py"],
-        ["tests/engine/test_train.py", "tests/engine/test_train_resume.py", "tests/methods/test_baseline_wiring.py"],
+        [
+            "tests/engine/test_train.py",
+            "tests/engine/test_train_resume.py",
+            "tests/methods/test_baseline_wiring.py",
+        ],
     ),
     "ssl": (["src/mics/methods/ssl/*"], ["tests/methods/ssl", "tests/methods/test_baseline_wiring.py"]),
     "predict": (["src/mics/predict.py"], ["tests/test_pipeline_predict.py"]),
@@ -121,7 +125,9 @@ def prepare(group: str) -> Path:
             "",
         ]
     )
-    (folder / "pyproject.toml").write_text(text[: base.start()] + section + text[base.end() :], encoding="utf-8")
+    (folder / "pyproject.toml").write_text(
+        text[: base.start()] + section + text[base.end() :], encoding="utf-8"
+    )
     return folder
 
 
@@ -138,7 +144,9 @@ def report(groups: list[str]) -> int:
             by_module[module_of(name)][s] += 1
             if s in ("survived", "no tests", "timeout", "suspicious"):
                 survivors[module_of(name)].append(f"{name} ({s})")
-    header = f"{'module':32} {'mutants':>7} {'run':>5} {'killed':>6} {'equiv':>5} {'alive':>5} {'kill rate':>9}"
+    header = (
+        f"{'module':32} {'mutants':>7} {'run':>5} {'killed':>6} {'equiv':>5} {'alive':>5} {'kill rate':>9}"
+    )
     print(header)
     print("-" * len(header))
     total: Counter[str] = Counter()
@@ -161,14 +169,19 @@ def _row(name: str, c: Counter[str]) -> str:
     alive = c["survived"] + c["no tests"] + c["timeout"] + c["suspicious"]
     scored = c["killed"] + alive
     rate = f"{100 * c['killed'] / scored:.1f} %" if scored else "-"
-    return f"{name:32} {n:7d} {run:5d} {c['killed']:6d} {c['equivalent']:5d} {alive:5d} {rate:>9}"
+    return f"{name:28} {n:7d} {run:5d} {c['killed']:6d} {c['equivalent']:5d} {alive:5d} {rate:>9}"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("groups", nargs="*", help=f"groups to run (default: {', '.join(GROUPS)})")
     parser.add_argument("--report", action="store_true", help="only print the results so far")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
+    parser.add_argument(
+        "--survivors", action="store_true", help="test the surviving mutants again (after new tests)"
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.groups) - set(GROUPS))
     if unknown:
@@ -178,7 +191,14 @@ def main() -> int:
         for group in groups:
             folder = prepare(group)
             cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
-            print(f"$ (cd {folder.relative_to(ROOT)} && {' '.join(cmd[1:])})", flush=True)
+            if args.survivors:
+                alive = [n for n, c in results(group).items() if status(c) not in ("killed", "not run")]
+                alive = [n for n in alive if n not in equivalent_mutants()]
+                if not alive:
+                    continue
+                cmd += alive
+            shown = " ".join(["mutmut", *cmd[3:]]) if len(cmd) < 12 else f"mutmut {' '.join(cmd[3:6])} ..."
+            print(f"$ (cd {folder.relative_to(ROOT)} && {shown})", flush=True)
             subprocess.run(cmd, cwd=folder, check=False)
     report(groups)
     return 0

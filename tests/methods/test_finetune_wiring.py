@@ -175,3 +175,40 @@ def test_wli_only_model_classifies_the_wli_cls_feature():
     assert torch.equal(rec.calls["classifier"][0][0][0], rec.calls["enc_a"][0][1][:, 0])
     pred = model.eval().predict(batch["a"], None)
     assert torch.equal(pred.probs.argmax(1), model.classifier(model.encode(batch["a"], None)["z"]).argmax(1))
+
+
+def test_labelled_batches_pair_each_wli_image_with_its_own_partner_and_label():
+    """Constant images (sample i: every pixel i in A, 100 + i in B) survive the weak view unchanged, so each
+    batch row tells which sample and which modality it came from."""
+    import numpy as np
+
+    from mics.data.views import MEAN, STD
+    from mics.methods.finetune import labelled_batches
+
+    n, size = 20, 16
+    ones = np.ones((1, 3, size, size), np.uint8)
+    arrays_a = np.arange(n, dtype=np.uint8)[:, None, None, None] * ones
+    arrays_b = (np.arange(n, dtype=np.uint8)[:, None, None, None] + 100) * ones
+    labels = (np.arange(n) * 7) % C
+    chosen = np.array([1, 4, 6, 11, 13, 17, 19])
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+
+    def ids(x: torch.Tensor, offset: int) -> list[int]:
+        pixels = torch.round((x * std + mean) * 255.0)
+        assert (pixels == pixels[:, :, :1, :1]).all()
+        return (pixels[:, 0, 0, 0].long() - offset).tolist()
+
+    batches = labelled_batches(arrays_a, arrays_b, labels, chosen, 3, 5, torch.device("cpu"), seed=0)
+    seen: list[int] = []
+    for epoch in range(2):
+        steps = list(batches(epoch, torch.Generator().manual_seed(epoch)))
+        assert len(steps) == 5  # steps_per_epoch, cycling through the 7 labelled samples
+        for batch in steps:
+            rows = ids(batch["a"], 0)
+            assert len(rows) == 3 and set(rows) <= set(chosen.tolist())
+            assert ids(batch["b"], 100) == rows, "the partner must be the same sample's modality B"
+            assert batch["y"].tolist() == labels[rows].tolist()
+            seen += rows
+    assert set(seen) == set(chosen.tolist())
+    wli_only = labelled_batches(arrays_a, None, labels, chosen, 3, 2, torch.device("cpu"), seed=0)
+    assert all("b" not in batch for batch in wli_only(0, torch.Generator()))
