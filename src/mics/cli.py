@@ -394,7 +394,7 @@ def figures(
     out: Annotated[Path | None, typer.Option("--out", help="Default: BENCH/figures.")] = None,
 ) -> None:
     """UMAP of test features (Fig. 8), confusion matrices, learning curves and label efficiency, as PNGs."""
-    from mics.eval.figures import make_figures
+    from mics.bench.figures import make_figures
 
     for path in make_figures(bench_dir, out):
         typer.echo(str(path))
