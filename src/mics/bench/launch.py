@@ -17,6 +17,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,6 +74,15 @@ def rendezvous_env(job_env: JobEnv | None = None) -> dict[str, str]:
     }
 
 
+def _reaped(pid: int) -> bool:
+    """Whether the child ``pid`` has ended (reaping it). Used from the signal handler, where the
+    ``Popen`` object's own wait may be half-way through in the interrupted frame."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
+    except ChildProcessError:
+        return True
+
+
 class CellFailed(RuntimeError):
     """A cell's command exited with an error (the reason is the last error line of its log)."""
 
@@ -124,7 +134,10 @@ class CellJob:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **dist_env},
             )
-            rc = self._proc.wait()
+            # poll, not wait(): the pre-emption handler runs in this thread and stops the process, which
+            # would deadlock on the lock a blocking wait() holds
+            while (rc := self._proc.poll()) is None:
+                time.sleep(0.5)
         self._proc = None
         if rc != 0:
             raise CellFailed(f"{self.cell_id}: exit code {rc}: {last_error(log)}")
@@ -136,15 +149,18 @@ class CellJob:
 
     def _stop(self, grace_s: float = 60.0) -> None:
         proc = self._proc
-        if proc is None or proc.poll() is not None:
+        if proc is None or _reaped(proc.pid):
             return
         # SIGINT: the cell stops like a Ctrl-C; everything up to its last epoch checkpoint is kept
         proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        deadline = time.time() + grace_s
+        while time.time() < deadline:
+            if _reaped(proc.pid):
+                return
+            time.sleep(0.2)
+        proc.kill()
+        while not _reaped(proc.pid):
+            time.sleep(0.2)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's hook on pre-emption / timeout: stop the cell and requeue a fresh job for it."""
