@@ -33,6 +33,7 @@ FAKE_SACCT = """#!/bin/sh
 echo "100_0|RUNNING"
 echo "100_1|PREEMPTED"
 echo "101|PENDING"
+echo "103_0|PREEMPTED"
 """
 
 
@@ -108,13 +109,19 @@ def test_cells_are_submitted_as_arrays_and_shared_pretrainings_as_dependencies(t
     assert len(result.submitted) == 8 and not result.ran and not result.failed
     assert "Not finished (8)" in result.results_md.read_text()
 
+    # the same command again: the running and pending cells' jobs are left alone, the others resubmitted
+    again = bench.run_bench(_fake_grid(tmp_path), out, executor=SlurmExecutor(options), progress=False)
+    assert {again.submitted[c] for c in ("good__mics__l50__s0", "good__mics__l10__s0")} == {"100_0", "101"}
+    new = sorted(fake_slurm.glob("*.sh"))[3:]
+    assert len(new) == 2 and "--array=0-4%3" in new[0].read_text()
+    assert "--dependency=afterok:103_2" in new[1].read_text()
     status = bench_status(out)
     assert re.search(r"good__mics__l50__s0 +running +100_0", status)
     assert re.search(r"good__mics__l10__s0 +(pending|submitted) ", status)
     assert "preempted" in status and status.splitlines()[-1].startswith("8 cells:")
 
     cancelled = cancel_bench(out)
-    assert len(cancelled) == 8  # every unfinished cell's job, array elements included
+    assert len(cancelled) == 8  # every unfinished cell's job (the latest of each), array elements included
     assert (fake_slurm / "scancel.txt").read_text().split() == sorted(cancelled)
     assert cancel_bench(out) == []  # nothing left to cancel
 

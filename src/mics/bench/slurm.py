@@ -24,6 +24,8 @@ from mics.bench.plan import Task
 from mics.bench.run import BenchState, Execution, Outcome, last_error
 
 BACKENDS = ("slurm", "local", "debug")
+# sacct states of a job that will still run (a requeued job is PENDING or REQUEUED again)
+_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"}
 
 
 def parse_time(text: str) -> int:
@@ -149,9 +151,21 @@ class SlurmExecutor:
             )
         return jobs
 
+    def _still_queued(self, tasks: Sequence[Task], ex: Execution) -> dict[str, str]:
+        """Cell id -> job id of the tasks whose job from an earlier submission is still pending or
+        running: submitting the same command again does not run a cell twice."""
+        if self.backend != "slurm":
+            return {}
+        ids = {t.cell.id: str(ex.state.cells.get(t.cell.id, {}).get("job_id") or "") for t in tasks}
+        states = _slurm_states([j for j in ids.values() if j])
+        return {cid: j for cid, j in ids.items() if j and states.get(j) in _ACTIVE}
+
     def execute(self, tasks: list[Task], ex: Execution) -> Outcome:
         outcome = Outcome()
+        queued = self._still_queued(tasks, ex)
+        tasks = [t for t in tasks if t.cell.id not in queued]
         if not tasks:
+            outcome.submitted = queued
             return outcome
         first = [t for t in tasks if t.waits_for is None]
         dependents: dict[str, list[Task]] = {}
@@ -161,11 +175,14 @@ class SlurmExecutor:
                 dependents.setdefault(t.waits_for, []).append(t)
         jobs = self._submit(first, ex, None) if first else {}
         for owner, group in dependents.items():
-            owner_job = jobs[owner]
-            if self.backend != "slurm":
-                # submitit's local backends know no dependencies: wait for the owner here instead
-                _wait_quietly(owner_job)
-            jobs.update(self._submit(group, ex, f"afterok:{owner_job.job_id}"))
+            if owner in queued:
+                owner_id = queued[owner]
+            else:
+                owner_id = jobs[owner].job_id
+                if self.backend != "slurm":
+                    # submitit's local backends know no dependencies: wait for the owner here instead
+                    _wait_quietly(jobs[owner])
+            jobs.update(self._submit(group, ex, f"afterok:{owner_id}"))
         if ex.progress:
             print(
                 f"submitted {len(jobs)} cell(s) to {self.backend} (job ids in {ex.state.path}); "
@@ -173,7 +190,7 @@ class SlurmExecutor:
                 flush=True,
             )
         if not self.wait:
-            outcome.submitted = {cid: str(job.job_id) for cid, job in jobs.items()}
+            outcome.submitted = {**queued, **{cid: str(job.job_id) for cid, job in jobs.items()}}
             return outcome
         for cid, job in jobs.items():
             _wait_quietly(job, self.poll_s)
