@@ -98,6 +98,7 @@ def test_cells_are_submitted_as_arrays_and_shared_pretrainings_as_dependencies(t
     for line in ("--partition=gpu", "--array=0-5%3", "--time=90", "--cpus-per-task=6", "--account=p1"):
         assert f"#SBATCH {line}" in first
     assert "--gpus-per-node=1" in first and "--dependency" not in first
+    assert "#SBATCH --signal=USR2@120" in first  # time to checkpoint before pre-emption or the time limit
     assert {re.search(r"--dependency=(\S+)", d)[1] for d in deps} == {"afterok:100_0", "afterok:100_3"}
     assert all("#SBATCH --kill-on-invalid-dep=yes" in d for d in deps)
     state = json.loads((out / "bench.json").read_text())["cells"]
