@@ -367,6 +367,18 @@ def bench(
         typer.Option("--slurm-opt", help="Another sbatch option, KEY=VALUE, e.g. account=proj (repeat)."),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Slurm: wait until every job has ended.")] = False,
+    results: Annotated[
+        Path | None,
+        typer.Option(
+            "--results",
+            help="A results CSV with protocol keys (results/<dataset>/table2.csv): skip the cells it holds, "
+            "add a row as each cell finishes, re-run stale rows.",
+        ),
+    ] = None,
+    order: Annotated[
+        str,
+        typer.Option("--order", help="grid (the grid's order) or value (10 %/5 % first, a seed at a time)."),
+    ] = "grid",
     status: Annotated[bool, typer.Option("--status", help="Show the state of every cell of OUT.")] = False,
     cancel: Annotated[bool, typer.Option("--cancel", help="Cancel the Slurm jobs of OUT.")] = False,
 ) -> None:
@@ -406,12 +418,19 @@ def bench(
         raise bench_mod.GridError(f"--executor {executor!r}: choose local or slurm")
     data_paths = bench_mod.parse_assignments(set_data or [], "--set-data")
     if dry_run:
-        cells = bench_mod.expand_cells(spec, data_paths=data_paths, overrides=set_ or [])
-        plan = bench_mod.plan_cells(
-            bench_mod.select_cells(cells, only or []),
+        from mics.bench.run import BenchState, plan_bench
+
+        _, plan, _ = plan_bench(
+            spec,
             out,
-            all_cells=cells,
-            reuse=bench_mod.reusable_pretrainings(reuse or []),
+            BenchState(out, spec),
+            only=only or [],
+            overrides=set_ or [],
+            data_paths=data_paths,
+            reuse=reuse or [],
+            results=results,
+            order=order,
+            dry_run=True,
         )
         typer.echo(bench_mod.describe_plan(plan, out))
         return
@@ -426,6 +445,8 @@ def bench(
             reuse=reuse or [],
             command=_command(),
             executor=runner,
+            results=results,
+            order=order,
         )
     except KeyboardInterrupt:
         # sys.exit, not typer.Exit: main() runs the app with standalone_mode=False, which drops Exit codes

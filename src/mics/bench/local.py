@@ -80,6 +80,7 @@ class LocalExecutor:
                 top1 = json.loads(metrics.read_text(encoding="utf-8"))["test"]["top1"]
                 state.update(cid, status="done", returncode=rc, wall_s=wall)
                 bar.write(f"done   {cid}: test top-1 {100 * top1:.2f} % ({wall:.0f} s)")
+                ex.finished(cid)
             else:
                 reason = f"exit code {rc}: {last_error(ex.log_of(cid))}"
                 failed[cid] = reason

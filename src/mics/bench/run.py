@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from mics.bench.cells import expand_cells, select_cells
-from mics.bench.grid import Grid
+from mics.bench.cells import Cell, expand_cells, select_cells
+from mics.bench.grid import Grid, GridError
 from mics.bench.paths import run_dir_of, write_text
-from mics.bench.plan import Task, plan_cells, reusable_pretrainings
-from mics.bench.results import write_results
+from mics.bench.plan import Plan, Task, plan_cells, reusable_pretrainings
+from mics.bench.protocol import ResultsFile, order_by_value, protocol_key
+from mics.bench.results import collect_rows, write_results
 
 
 @dataclass
@@ -83,6 +86,11 @@ class Execution:
     state: BenchState
     python: str | None = None  # the interpreter of the cells (tests use a fake one)
     progress: bool = True
+    on_done: Callable[[str], None] | None = None  # called with a cell's id as soon as it has finished
+
+    def finished(self, cell_id: str) -> None:
+        if self.on_done is not None:
+            self.on_done(cell_id)
 
     def log_of(self, cell_id: str) -> Path:
         return self.out / "logs" / f"{cell_id}.log"
@@ -122,6 +130,35 @@ def check_data(tasks: Sequence[Task], grid: Grid) -> None:
         )
 
 
+def plan_bench(
+    grid: Grid,
+    out: Path,
+    state: BenchState,
+    *,
+    only: Sequence[str] = (),
+    overrides: Sequence[str] = (),
+    data_paths: Mapping[str, str] | None = None,
+    reuse: Sequence[str | Path] = (),
+    results: str | Path | None = None,
+    order: str = "grid",
+    progress: bool = True,
+    dry_run: bool = False,
+) -> tuple[list[Cell], Plan, Callable[[str], None] | None]:
+    """Every cell of the grid, the plan of the selected ones (in ``order``, less those ``results`` holds),
+    and the hook that records a finished cell in ``results``. ``dry_run`` changes nothing on disk."""
+    all_cells = expand_cells(grid, data_paths=data_paths, overrides=overrides)
+    cells = select_cells(all_cells, only)
+    if order not in ("grid", "value"):
+        raise GridError(f"--order {order!r}: choose grid or value")
+    if order == "value":
+        cells = order_by_value(cells)
+    on_done = None
+    if results is not None:
+        cells, on_done = _results_resume(cells, out, ResultsFile(results), state, progress, dry_run)
+    plan = plan_cells(cells, out, all_cells=all_cells, reuse=reusable_pretrainings(reuse))
+    return all_cells, plan, on_done
+
+
 def run_bench(
     grid: Grid,
     out: str | Path,
@@ -136,30 +173,41 @@ def run_bench(
     progress: bool = True,
     command: str = "",
     executor: Executor | None = None,
+    results: str | Path | None = None,
+    order: str = "grid",
 ) -> BenchResult:
     """Run every unfinished cell of ``grid`` (those matching ``only``) into ``out/runs`` with ``executor``
     (default: the local one, ``jobs`` cells at a time; MICS cells reuse matching pre-trainings found in
     ``reuse``), then write ``out/results.csv`` and ``out/results.md`` from all finished cells of the
-    grid."""
+    grid. ``order="value"`` runs the cells in :func:`~mics.bench.protocol.order_by_value`'s order;
+    ``results`` (a CSV with protocol keys, e.g. ``results/milk10k/table2.csv``) skips the cells it holds at
+    their current protocol and gets a row as each cell finishes (see :mod:`mics.bench.protocol`)."""
     from mics.bench.local import LocalExecutor
 
     executor = executor or LocalExecutor(jobs=jobs, poll_s=poll_s)
     out = Path(out)
-    all_cells = expand_cells(grid, data_paths=data_paths, overrides=overrides)
-    cells = select_cells(all_cells, only)
-    plan = plan_cells(cells, out, all_cells=all_cells, reuse=reusable_pretrainings(reuse))
+    state = BenchState(out, grid, command)
+    all_cells, plan, on_done = plan_bench(
+        grid,
+        out,
+        state,
+        only=only,
+        overrides=overrides,
+        data_paths=data_paths,
+        reuse=reuse,
+        results=results,
+        order=order,
+        progress=progress,
+    )
     check_data(plan.tasks, grid)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     if grid.source is not None:
         (out / "grid.yaml").write_text(grid.source.read_text(encoding="utf-8"), encoding="utf-8")
-    state = BenchState(out, grid, command)
     state.save()
     if plan.done and progress:
-        import sys
-
         print(f"{len(plan.done)} cell(s) already finished; skipped", file=sys.stderr)
     outcome = executor.execute(
-        list(plan.tasks), Execution(grid, out, state, python=python, progress=progress)
+        list(plan.tasks), Execution(grid, out, state, python=python, progress=progress, on_done=on_done)
     )
     csv_path, md_path = write_results(grid, out, all_cells)
     done = [c.id for c in all_cells if (run_dir_of(out, c) / "metrics.json").exists()]
@@ -171,3 +219,48 @@ def run_bench(
         results_md=md_path,
         submitted=outcome.submitted,
     )
+
+
+def _results_resume(
+    cells: Sequence[Cell], out: Path, results: ResultsFile, state: BenchState, progress: bool, dry_run: bool
+) -> tuple[list[Cell], Callable[[str], None]]:
+    """The cells ``results`` does not hold at their current protocol key, and the hook that appends a
+    finished cell's row. A run folder made under another protocol (or under none recorded) is moved
+    aside to ``<cell>.stale`` so that the cell runs afresh; a finished one of the current protocol just
+    gets its row."""
+    keys = {c.id: protocol_key(c) for c in cells}
+    by_id = {c.id: c for c in cells}
+    current, stale = results.status(keys)
+
+    def on_done(cid: str) -> None:
+        rows = collect_rows([by_id[cid]], out)
+        if rows:
+            results.append(rows[0], keys[cid])
+
+    todo = []
+    for c in cells:
+        if c.id in current:
+            continue
+        rd = run_dir_of(out, c)
+        recorded = state.cells.get(c.id, {}).get("protocol")
+        if dry_run:
+            todo.append(c)
+            continue
+        if rd.exists() and recorded != keys[c.id]:
+            target = rd.with_name(f"{rd.name}.stale")
+            if target.exists():
+                shutil.rmtree(target)
+            rd.rename(target)
+        elif (rd / "metrics.json").exists():
+            on_done(c.id)
+            continue
+        state.cells.setdefault(c.id, {})["protocol"] = keys[c.id]
+        todo.append(c)
+    if progress:
+        print(
+            f"{results.path}: {len(current)} of {len(cells)} cell(s) done at the current protocol; "
+            f"{len(stale)} stale (older protocol, run again){': ' + ', '.join(stale[:5]) if stale else ''}"
+            f"{' ...' if len(stale) > 5 else ''}",
+            file=sys.stderr,
+        )
+    return todo, on_done

@@ -197,6 +197,7 @@ class SlurmExecutor:
             if (run_dir_of(ex.out, cid) / "metrics.json").exists():
                 outcome.ran.append(cid)
                 ex.state.update(cid, status="done")
+                ex.finished(cid)
             else:
                 outcome.failed[cid] = last_error(ex.log_of(cid))
                 ex.state.update(cid, status="failed")
