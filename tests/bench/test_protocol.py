@@ -35,6 +35,8 @@ def test_protocol_key_follows_config_data_seed_and_training_code(tmp_path, monke
     assert key not in others and len(others) == len(cells) - 1  # ratio, seed, method, way
     changed = bench.expand_cells(_fake_grid(tmp_path, set=["finetune.epochs=3"]))[1]
     assert protocol_key(changed) != key
+    on_gpu = bench.expand_cells(_fake_grid(tmp_path, set=["device=cuda", "data.num_workers=4"]))[1]
+    assert protocol_key(on_gpu) == key  # where a cell runs is not what it learns
     protocol.data_manifest.cache_clear()
     (data / "a.png").write_bytes(b"123456")  # another size: other data
     assert protocol_key(cell) != key

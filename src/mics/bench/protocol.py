@@ -2,9 +2,9 @@
 per finished cell with its key, so a grid continues on any machine from the committed file alone.
 
 The key is a hash of everything that decides a cell's numbers: the resolved config (preset, overrides,
-seed), the data (a manifest: every file's relative path and size), the pairing, method, way, label ratio,
-seed and :data:`mics.version.TRAINING_CODE_VERSION`. A row whose key differs from its cell's current key
-is *stale*: it is reported and the cell is run again."""
+seed; not :data:`NOT_LEARNT`, such as the device), the data (a manifest: every file's relative path and
+size), the pairing, method, way, label ratio, seed and :data:`mics.version.TRAINING_CODE_VERSION`. A row
+whose key differs from its cell's current key is *stale*: it is reported and the cell is run again."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ PROTOCOL_COLUMN = "protocol"
 RESULTS_COLUMNS = (*CSV_COLUMNS, PROTOCOL_COLUMN)
 # the value order of label ratios: the smallest-label comparisons first (the paper's point), then the
 # large ratios; fully supervised (100 %) runs with the first group, as the reference of every comparison
+# config fields that decide where and how fast a cell runs, not what it learns: a row computed on a GPU
+# answers for the same cell on a CPU (add a field here when it is of that kind)
+NOT_LEARNT = ("device", "compile", "data.num_workers")
 _RATIO_ORDER = {0.1: (0, 0), 0.05: (0, 1), 1.0: (0, 2), 0.5: (1, 0), 0.3: (1, 1)}
 
 
@@ -50,10 +53,21 @@ def data_manifest(path: str) -> str:
     return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
 
 
+def _learnt_config(cell: Cell) -> dict[str, Any]:
+    config = to_dict(replace(cell.config(), seed=cell.seed))
+    for dotted in NOT_LEARNT:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    return config
+
+
 def protocol_key(cell: Cell) -> str:
     """The cell's protocol key (see the module docstring)."""
     payload = {
-        "config": to_dict(replace(cell.config(), seed=cell.seed)),
+        "config": _learnt_config(cell),
         "data": data_manifest(cell.data),
         "pair": cell.pair,
         "skip_bad": cell.skip_bad,
