@@ -37,8 +37,9 @@ The package, one module per concern: :mod:`~mics.bench.grid` (grid files), :mod:
 (cell expansion, ids, commands, pre-training keys), :mod:`~mics.bench.plan` (done / resume / shared
 pre-training), :mod:`~mics.bench.run` (the bench and the executor interface), :mod:`~mics.bench.local` and
 :mod:`~mics.bench.slurm` (executors), :mod:`~mics.bench.launch` (multi-node rendezvous under Slurm),
-:mod:`~mics.bench.results` (results.csv), :mod:`~mics.bench.tables` (results.md),
-:mod:`~mics.bench.figures` (figures of a bench folder). Nothing here imports torch.
+:mod:`~mics.bench.results` (results.csv), :mod:`~mics.bench.protocol` (protocol keys, ``--results``,
+``--order value``), :mod:`~mics.bench.tables` (results.md), :mod:`~mics.bench.figures` (figures of a bench
+folder), :mod:`~mics.bench.paths` (the files of a bench folder). Nothing here imports torch.
 """
 
 from mics.bench.cells import (
