@@ -356,7 +356,7 @@ def bench(
         str, typer.Option("--time", help="Slurm time limit per job: minutes, H:MM:SS or D-HH:MM:SS.")
     ] = "24:00:00",
     nodes: Annotated[int, typer.Option("--nodes", help="Slurm nodes per cell (multi-node training).")] = 1,
-    gpus: Annotated[int, typer.Option("--gpus", help="GPUs per node of a cell, one process each (Slurm).")] = 1,
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs per node of a cell, a process each (Slurm).")] = 1,
     cpus: Annotated[int, typer.Option("--cpus", help="CPU cores per process of a cell (Slurm).")] = 8,
     mem_gb: Annotated[int | None, typer.Option("--mem-gb", help="Memory per node of a cell (Slurm).")] = None,
     array_limit: Annotated[
