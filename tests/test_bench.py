@@ -533,10 +533,10 @@ def test_the_reason_of_a_failure_is_the_last_exception_of_the_log(tmp_path):
         '  File "x.py", line 1, in f\n    raise CheckpointError("bad")\n'
         "mics.engine.checkpoint.CheckpointError: best.safetensors is bad\n\n"
     )
-    assert bench._last_error(log) == "mics.engine.checkpoint.CheckpointError: best.safetensors is bad"
+    assert bench.last_error(log) == "mics.engine.checkpoint.CheckpointError: best.safetensors is bad"
     log.write_text("checking images\nerror: class folder 'x' is empty\n")
-    assert bench._last_error(log) == "error: class folder 'x' is empty"
-    assert bench._last_error(tmp_path / "missing.log") == "no log"
+    assert bench.last_error(log) == "error: class folder 'x' is empty"
+    assert bench.last_error(tmp_path / "missing.log") == "no log"
 
 
 def test_threads_are_shared_out_between_jobs(monkeypatch):

@@ -36,6 +36,7 @@ from mics.engine.checkpoint import atomic_write_json, load_checkpoint, save_chec
 from mics.engine.logging import MetricsLogger, info
 from mics.engine.train import Schedule, fit, resolve_device, seed_all
 from mics.eval.metrics import classification_metrics
+from mics.methods.budget import finetune_steps_per_epoch, pretrain_steps_per_epoch
 from mics.methods.finetune import FusionFinetuning, labelled_batches
 from mics.methods.pretrain import SynergisticPretraining, build_encoder, class_weights, pair_batches
 from mics.methods.svd import ShiftDictionary, build_dictionary, encode_features
@@ -201,18 +202,6 @@ def open_run(run_dir: str | Path) -> RunContext:
         resume=True,
         method=meta.get("method", "mics"),
     )
-
-
-def _steps(n: int, batch: int, drop_last: bool) -> int:
-    return max(1, n // batch) if drop_last else max(1, math.ceil(n / batch))
-
-
-def pretrain_steps_per_epoch(cfg: RunConfig, n_train: int) -> int:
-    return _steps(n_train, cfg.pretrain.batch_size, drop_last=True)
-
-
-def finetune_steps_per_epoch(cfg: RunConfig, n_labelled: int) -> int:
-    return max(_steps(n_labelled, cfg.finetune.batch_size, drop_last=False), cfg.finetune.min_steps_per_epoch)
 
 
 def pretrain(ctx: RunContext, resume: bool = False) -> Path:

@@ -19,6 +19,7 @@ from mics.config import ModelConfig, RunConfig, SSLConfig
 from mics.data.views import strong, to_float, weak
 from mics.engine import distributed as dist
 from mics.engine.train import BatchFn, StepInfo
+from mics.methods.budget import finetune_steps_per_epoch, pretrain_steps_per_epoch
 from mics.methods.finetune import Prediction
 from mics.methods.pretrain import build_encoder, cycled_order, labelled_order
 from mics.methods.ssl import SSLAlgorithm
@@ -102,8 +103,6 @@ def ssl_iterations(cfg: RunConfig, n_train: int, n_labelled: int) -> int:
     """The baselines' budget: SSLConfig.iterations if set, else MICS's pre-training + fine-tuning steps."""
     if cfg.ssl.iterations > 0:
         return cfg.ssl.iterations
-    from mics.pipeline import finetune_steps_per_epoch, pretrain_steps_per_epoch
-
     return cfg.pretrain.epochs * pretrain_steps_per_epoch(
         cfg, n_train
     ) + cfg.finetune.epochs * finetune_steps_per_epoch(cfg, n_labelled)
