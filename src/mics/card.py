@@ -88,7 +88,10 @@ def _confusion(test: dict[str, Any], classes: list[str]) -> list[str]:
     if not matrix:
         return []
     rows = ["| true \\ predicted | " + " | ".join(classes) + " |", "| --- |" + " ---: |" * len(classes)]
-    rows += [f"| {name} | " + " | ".join(str(v) for v in row) + " |" for name, row in zip(classes, matrix)]
+    rows += [
+        f"| {name} | " + " | ".join(str(v) for v in row) + " |"
+        for name, row in zip(classes, matrix, strict=False)
+    ]
     return rows
 
 
@@ -101,7 +104,8 @@ def _threshold_lines(record: dict[str, Any] | None) -> list[str]:
     lines = [
         f"Low-confidence flag: u > **{record['threshold']:.4f}**, chosen on val. Rule: {record['rule']}.",
         "",
-        "| split | images | wrong | flagged | wrong among flagged | wrong among not flagged | errors caught |",
+        "| split | images | wrong | flagged | wrong among flagged | wrong among not flagged "
+        "| errors caught |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for split in ("val", "test"):
@@ -173,7 +177,11 @@ def model_card(run_dir: str | Path) -> str:
             else f"a real second image of each sample ({meta.get('pair')})."
         ),
         f"- Output: class probabilities over {len(classes)} classes and an uncertainty u in [0, 1] "
-        + ("(TMC: u = C / S of the combined Dirichlet opinion)." if cfg.finetune.use_tmc else "(1 - max prob).")
+        + (
+            "(TMC: u = C / S of the combined Dirichlet opinion)."
+            if cfg.finetune.use_tmc
+            else "(1 - max prob)."
+        )
         + "",
         f"- Code: mics {meta.get('mics_version')}, commit {meta.get('git_commit') or 'unknown'}.",
     ]
@@ -186,7 +194,8 @@ def model_card(run_dir: str | Path) -> str:
         f"- Data: `{meta.get('data')}` ({meta.get('n_samples')} samples, pairing `{meta.get('pair')}`).",
         f"- Classes: {', '.join(classes)}.",
         f"- Split (train / val / test, seed {split.get('seed') if split else '?'}): {meta.get('n_train')} / "
-        f"{meta.get('n_val')} / {meta.get('n_test')}, grouped (a lesion or patient never crosses splits) and stratified by class"
+        f"{meta.get('n_val')} / {meta.get('n_test')}, grouped (a lesion or patient never crosses splits) "
+        "and stratified by class"
         + (f", fractions {tuple(split['fractions'])}." if split and "fractions" in split else "."),
         f"- Label ratio: {100 * float(meta.get('labels', 0)):g} % of the training split labelled "
         f"({meta.get('n_labelled')} images, seed {labelled_rec.get('seed', seed)}); the rest was used "
@@ -223,13 +232,15 @@ def model_card(run_dir: str | Path) -> str:
         f"the accuracy): val {_num(metrics.get('val', {}).get('ece'))}, test {_num(test.get('ece'))}.",
         "- Uncertainty AUROC (how well u ranks wrong predictions above right ones; 0.5 = no better than "
         f"chance, 1 = every wrong prediction more uncertain than every right one): val "
-        f"{_num(metrics.get('val', {}).get('uncertainty_auroc'))}, test {_num(test.get('uncertainty_auroc'))}.",
+        f"{_num(metrics.get('val', {}).get('uncertainty_auroc'))}, "
+        f"test {_num(test.get('uncertainty_auroc'))}.",
         "",
         *_threshold_lines(threshold),
         "",
         "## Intended use and limits",
         "",
-        "- **Research use only.** Not a medical device, not validated for diagnosis or any clinical decision.",
+        "- **Research use only.** Not a medical device, not validated for diagnosis or any clinical "
+        "decision.",
         f"- Trained and tested only on the data above ({meta.get('n_samples')} samples, {len(classes)} "
         "classes). Images from other devices, sites, populations or classes are out of scope; the model "
         "always answers with one of its classes, even for images of something else.",

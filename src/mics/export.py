@@ -207,4 +207,3 @@ def check_parity(graph: InferenceGraph, path: Path, inputs: list[np.ndarray]) ->
     onnx_probs = session.run(["probabilities"], dict(zip(names, inputs, strict=True)))[0]
     torch_probs = graph(*(torch.from_numpy(x) for x in inputs))[0].numpy()
     return float(np.abs(onnx_probs - torch_probs).max())
-
