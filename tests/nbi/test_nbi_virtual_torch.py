@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.conftest import GI
 
 from mics.data.cache import square_resize
 from mics.data.validate import load_rgb
 from mics.nbi.virtual import VirtualNBI
 from mics.nbi.virtual_torch import virtual_nbi_torch
-from tests.conftest import GI
 
 
 @pytest.mark.parametrize("size", [32, 64])
