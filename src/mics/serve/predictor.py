@@ -169,7 +169,7 @@ class Predictor:
             b = self._generator(a[None])[0]
 
         def tensor(x: np.ndarray) -> torch.Tensor:
-            return to_float(torch.from_numpy(np.ascontiguousarray(x[None])).permute(0, 3, 1, 2).contiguous())
+            return to_float(torch.from_numpy(np.array(x[None])).permute(0, 3, 1, 2).contiguous())
 
         pred = self._model.predict(tensor(a), tensor(b) if b is not None and self.uses_partner else None)
         return pred.probs[0].numpy(), float(pred.uncertainty[0]), b
