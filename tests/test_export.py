@@ -158,6 +158,15 @@ def test_predict_engine_onnx_without_an_export_says_what_to_do(gi_smoke_run, cap
     assert code == 2 and "mics export" in stderr
 
 
+def test_predict_engine_onnx_with_a_file_that_is_not_a_model_says_so(gi_smoke_run, capsys, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    code, _, stderr = mics(
+        capsys, "predict", "--run", gi_smoke_run, gi_images()[0], "--engine", "onnx", "--onnx", junk
+    )
+    assert code == 2 and "junk.onnx" in stderr and "mics export" in stderr
+
+
 def test_export_of_an_unfinished_run_is_refused(capsys, tmp_path):
     code, _, stderr = mics(capsys, "export", "--run", tmp_path)
     assert code == 2 and "mics run" in stderr

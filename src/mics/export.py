@@ -108,6 +108,11 @@ def export_onnx(
     from mics.pipeline import RunError, load_finetuned
 
     run_dir = Path(run_dir)
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        raise RunError(f"export needs {err.name}: pip install 'mics[export]'") from None
     if not (run_dir / "finetune" / "best.json").exists():
         raise RunError(
             f"{run_dir} has no fine-tuned MICS model (finetune/best); finish the run with 'mics run' first "

@@ -130,7 +130,10 @@ class OnnxModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            raise ValueError(f"{path}: cannot load it as an ONNX model ({err})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise ValueError(f"{path} was not written by 'mics export' (no {METADATA_KEY!r} metadata)")

@@ -107,15 +107,17 @@ def _predict_onnx(
     batch_size: int,
 ) -> list[dict[str, Any]]:
     """:func:`predict_files` through the exported graph; images are decoded by the same code as training."""
+    from mics.onnx_predict import OnnxModel
     from mics.pipeline import RunError
 
-    try:
-        from mics.onnx_predict import OnnxModel
-    except ImportError:
-        raise RunError("the onnx engine needs onnxruntime: pip install 'mics[export]'") from None
     if not onnx_path.is_file():
         raise RunError(f"{onnx_path} does not exist; write it with 'mics export --run {run_dir}' first")
-    model = OnnxModel(onnx_path)
+    try:
+        model = OnnxModel(onnx_path)
+    except ImportError:
+        raise RunError("the onnx engine needs onnxruntime: pip install 'mics[export]'") from None
+    except ValueError as err:
+        raise RunError(f"{err}; write it again with 'mics export --run {run_dir}'") from None
     if partners and len(partners) != len(images):
         raise DataError(
             f"got {len(images)} images but {len(partners)} --partner images; give one partner per image"

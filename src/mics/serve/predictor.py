@@ -109,7 +109,12 @@ class Predictor:
                 raise RunError(
                     f"{path} does not exist; write it with 'mics export --run {self.run_dir}' first"
                 )
-            self._onnx = OnnxModel(path)
+            try:
+                self._onnx = OnnxModel(path)
+            except ImportError:
+                raise RunError("the onnx engine needs onnxruntime: pip install 'mics[export]'") from None
+            except ValueError as err:
+                raise RunError(f"{err}; write it again with 'mics export --run {run_dir}'") from None
         elif engine == "torch":
             import torch
 
