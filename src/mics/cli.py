@@ -159,6 +159,7 @@ def run(
     meta["machine"] = pipeline.machine_description()
     if _main_rank():
         write_report(out, {"mics": results}, meta, _command())
+        _write_card(out)
     _print_table({"mics": results})
 
 
@@ -212,7 +213,10 @@ def evaluate(run_dir: RunOpt) -> None:
     """Evaluate a run's selected model on val and test; writes RUN/metrics.json."""
     from mics import pipeline
 
-    _print_table({"mics": pipeline.evaluate(pipeline.open_run(run_dir))})
+    results = pipeline.evaluate(pipeline.open_run(run_dir))
+    if _main_rank():
+        _write_card(run_dir)
+    _print_table({"mics": results})
 
 
 @app.command()
@@ -269,11 +273,18 @@ def predict(
     ] = None,
     fmt: Annotated[OutFormat, typer.Option("--format", help="json | csv")] = OutFormat.json,
     device: DeviceOpt = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="torch | onnx (the graph written by 'mics export').")
+    ] = "torch",
+    onnx: Annotated[
+        Path | None,
+        typer.Option("--onnx", help="The exported model for --engine onnx (default RUN/model.onnx)."),
+    ] = None,
 ) -> None:
     """Class, class probabilities and TMC uncertainty for each image (bad images get an error entry)."""
     from mics.predict import predict_files, to_csv
 
-    rows = predict_files(run_dir, images, partner, device=device)
+    rows = predict_files(run_dir, images, partner, device=device, engine=engine, onnx_path=onnx)
     if fmt is OutFormat.csv:
         typer.echo(to_csv(rows), nl=False)
     else:
@@ -477,6 +488,61 @@ def figures(
 
     for path in make_figures(bench_dir, out):
         typer.echo(str(path))
+
+
+def _write_card(run_dir: Path) -> None:
+    from mics.card import write_model_card
+
+    typer.echo(f"model card: {write_model_card(run_dir)}", err=True)
+
+
+@app.command()
+def card(run_dir: RunOpt) -> None:
+    """Write RUN/model_card.md: data, split, metrics, calibration, uncertainty flag, intended use, limits."""
+    from mics.card import write_model_card
+
+    typer.echo(str(write_model_card(run_dir)))
+
+
+@app.command()
+def export(
+    run_dir: RunOpt,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="The .onnx file to write (default RUN/model.onnx).")
+    ] = None,
+) -> None:
+    """Export the run's whole inference graph to ONNX (checked against PyTorch), with a standalone
+    predict_onnx.py next to it that needs only onnxruntime, numpy and Pillow."""
+    from mics.pipeline import RunError
+
+    try:
+        from mics.export import export_onnx
+    except ImportError as err:
+        raise RunError(
+            f"export needs the export extra ({err.name} is missing): pip install 'mics[export]'"
+        ) from None
+    result = export_onnx(run_dir, out)
+    typer.echo(
+        f"wrote {result.path} (inputs: {', '.join(result.info['inputs'])}; max |p_onnx - p_torch| = "
+        f"{result.max_abs_diff:.1e}) and {result.runner}"
+    )
+
+
+@app.command()
+def serve(
+    run_dir: RunOpt,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; 127.0.0.1 keeps it on this machine.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port (0 = any free port).")] = 8000,
+    engine: Annotated[str, typer.Option("--engine", help="torch | onnx (RUN/model.onnx).")] = "torch",
+    max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload accepted, in MB.")] = 20.0,
+) -> None:
+    """A local web page: drop an image (or a pair), see the class, probabilities, uncertainty, the generated
+    partner and the run's report."""
+    from mics.serve import serve as serve_run
+
+    serve_run(run_dir, host=host, port=port, engine=engine, max_bytes=int(max_mb * 1_000_000))
 
 
 _RESUMABLE = frozenset({"run", "baseline", "pretrain", "finetune", "demo"})

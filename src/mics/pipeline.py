@@ -374,6 +374,11 @@ def split_metrics(ctx: RunContext, model: torch.nn.Module) -> dict[str, Any]:
         idx = np.asarray(getattr(ctx.split, name))
         probs, unc, feats = predict_arrays(model, ctx.arrays_a, ctx.arrays_b, idx, ctx.device)
         results[name] = classification_metrics(ctx.labels[idx], probs, ctx.images.classes, uncertainty=unc)
+        if dist.is_main():
+            # the low-confidence threshold (chosen on val) and the model card read these
+            np.savez_compressed(
+                ctx.run_dir / f"{name}_predictions.npz", probs=probs, uncertainty=unc, labels=ctx.labels[idx]
+            )
         if name == "test" and dist.is_main():
             np.savez_compressed(ctx.run_dir / "test_features.npz", features=feats, labels=ctx.labels[idx])
     return results
