@@ -34,7 +34,7 @@ from mics.data.validate import validate, write_dropped
 from mics.engine import distributed as dist
 from mics.engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from mics.engine.logging import MetricsLogger, info
-from mics.engine.train import Schedule, fit, resolve_device, seed_all
+from mics.engine.train import Schedule, fit, resolve_device, resolve_precision, seed_all
 from mics.eval.metrics import classification_metrics
 from mics.methods.finetune import FusionFinetuning, labelled_batches
 from mics.methods.pretrain import SynergisticPretraining, build_encoder, pair_batches
@@ -168,6 +168,7 @@ def init_run(
                     "labels": labels,
                     "seed": cfg.seed,
                     "preset": cfg.preset,
+                    "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
                     "mics_version": __version__,
                     "git_commit": git_commit(),
                     "n_samples": len(images),
