@@ -153,8 +153,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=None, help="images per encoder (default: pre-training batch)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (each runs every variant once)")
     p.add_argument("--only", default=None, help="comma-separated variants (eager is always included)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = preset(args.preset)
     device = torch.device("cpu")
     batch = args.batch or cfg.pretrain.batch_size

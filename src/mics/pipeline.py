@@ -262,6 +262,7 @@ def pretrain(ctx: RunContext, resume: bool = False) -> Path:
         ckpt_dir=out,
         logger=logger,
         precision=cfg.precision,
+        compile=cfg.compile,
         resume=resume,
     )
     logger.close()
@@ -437,6 +438,7 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
         evaluate=val_scorer(ctx),
         eval_every=cfg.eval_every,
         precision=cfg.precision,
+        compile=cfg.compile,
         resume=resume,
     )
     logger.close()
@@ -603,6 +605,7 @@ def baseline(
         evaluate=val_scorer(ctx),
         eval_every=cfg.eval_every,
         precision=cfg.precision,
+        compile=cfg.compile,
         resume=resume,
         extra=algorithm,
     )

@@ -273,7 +273,7 @@ def fit(
     resume: bool = False,
     extra: Any = None,
     compile: bool = False,
-    compile_devices: tuple[str, ...] = ("cuda",),
+    compile_devices: tuple[str, ...] = ("cuda", "cpu"),
 ) -> FitResult:
     """Train ``method`` for ``schedule``; returns the best validation score (``evaluate`` must return
     ``{"score": ...}``, higher is better) and restores the selected weights into ``method`` (the EMA
@@ -282,7 +282,8 @@ def fit(
     ``extra`` is any object with ``state_dict()`` / ``load_state_dict()`` checkpointed with the model.
     Checkpoints: ``<ckpt_dir>/last`` each epoch (for ``resume``) and ``<ckpt_dir>/best`` on a new best.
     ``compile``: ``torch.compile`` the method's transformer blocks (:func:`compile_blocks`) when the device
-    type is in ``compile_devices`` (CUDA only by default: on CPU the compile time rarely pays back).
+    type is in ``compile_devices``. On CPU it pays back only with native bf16 (AMX): on an AVX512 CPU without
+    it, compiled fp32 blocks ran no faster than eager (``benchmarks/results/cpu-candidates-1thread.md``).
 
     Under ``torchrun`` the method is wrapped in DDP. A method whose forward leaves some trainable
     parameters without a gradient must say so with a ``find_unused_parameters = True`` attribute.
