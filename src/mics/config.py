@@ -137,7 +137,9 @@ class RunConfig:
     preset: str = "cpu"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast on CUDA
+    # bf16 autocast on CUDA and CPU; auto: bf16 where the device computes it natively (CUDA with bf16, a CPU
+    # with AMX or AVX512-BF16), else fp32 (engine.train.resolve_precision; the choice is in run.json)
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     compile: bool = False  # torch.compile the encoders
     eval_every: int = 1  # epochs between val evaluations
     data: DataConfig = field(default_factory=DataConfig)

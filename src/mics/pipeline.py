@@ -34,7 +34,7 @@ from mics.data.validate import validate, write_dropped
 from mics.engine import distributed as dist
 from mics.engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from mics.engine.logging import MetricsLogger, info
-from mics.engine.train import Schedule, fit, resolve_device, seed_all
+from mics.engine.train import Schedule, fit, resolve_device, resolve_precision, seed_all
 from mics.eval.metrics import classification_metrics
 from mics.methods.budget import finetune_steps_per_epoch, pretrain_steps_per_epoch
 from mics.methods.finetune import FusionFinetuning, labelled_batches
@@ -169,6 +169,7 @@ def init_run(
                     "labels": labels,
                     "seed": cfg.seed,
                     "preset": cfg.preset,
+                    "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
                     "mics_version": __version__,
                     "git_commit": git_commit(),
                     "n_samples": len(images),
@@ -257,6 +258,7 @@ def pretrain(ctx: RunContext, resume: bool = False) -> Path:
         ckpt_dir=out,
         logger=logger,
         precision=cfg.precision,
+        compile=cfg.compile,
         resume=resume,
     )
     logger.close()
@@ -441,6 +443,7 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
         evaluate=val_scorer(ctx),
         eval_every=cfg.eval_every,
         precision=cfg.precision,
+        compile=cfg.compile,
         resume=resume,
     )
     logger.close()
@@ -615,6 +618,7 @@ def baseline(
         evaluate=val_scorer(ctx),
         eval_every=cfg.eval_every,
         precision=cfg.precision,
+        compile=cfg.compile,
         resume=resume,
         extra=algorithm,
     )
