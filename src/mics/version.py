@@ -6,4 +6,7 @@ then: every results row recorded under the old value becomes stale and is re-run
 ``mics bench --results``. Refactors, speed-ups that keep the numbers, logging and docs leave it alone.
 """
 
-TRAINING_CODE_VERSION = 1
+# 1: the first version (results/milk10k rows of 2026-11-27/28, recorded without a protocol key)
+# 2: issue #10's wiring (index-queue positives, Eq. 6 sum, fused evidence from the Eq. 15 classifier with ETMC
+#    losses on every view, calibrated SVD shifts, Dash's rho from the end of warm-up)
+TRAINING_CODE_VERSION = 2
