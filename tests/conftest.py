@@ -27,3 +27,35 @@ def milk_dir() -> Path:
 @pytest.fixture(scope="session")
 def gi_dir() -> Path:
     return GI
+
+
+def _smoke_run(out: Path, data: Path, labels: str) -> Path:
+    """A finished smoke-preset MICS run (seconds): for tests that need a trained run folder."""
+    import subprocess
+    import sys
+
+    fast = [
+        "--set",
+        "pretrain.epochs=1",
+        "--set",
+        "finetune.epochs=1",
+        "--set",
+        "finetune.min_steps_per_epoch=2",
+    ]
+    args = ["run", "--data", str(data), "--preset", "smoke", "--labels", labels, "--out", str(out), *fast]
+    proc = subprocess.run([sys.executable, "-m", "mics", *args], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"mics {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def gi_smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Smoke run on the HyperKvasir sample: white-light images with a generated (virtual NBI) partner."""
+    return _smoke_run(tmp_path_factory.mktemp("smoke-runs") / "gi", GI, "0.3")
+
+
+@pytest.fixture(scope="session")
+def milk_smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Smoke run on the MILK10k sample: real clinical + dermoscopic pairs."""
+    return _smoke_run(tmp_path_factory.mktemp("smoke-runs") / "milk", MILK, "0.1")

@@ -219,7 +219,7 @@ def test_grid_scales_data_sets_seeds_and_ratios():
     assert cpu.seeds == (0, 1, 2) and cpu.labels == (0.1, 0.05)
     assert {d.path: d.pair for d in cpu.datasets} == {
         "../shared/data/milk10k-paired-128": "suffix:clinical,dermoscopic",
-        "../shared/data/hyperkvasir-partial-128": "auto",
+        "../shared/data/hyperkvasir-5class-128": "virtual-nbi",
     }
     assert {d.name: d.labels for d in cpu.datasets} == {"milk10k": (0.5, 0.3, 0.1, 0.05), "hyperkvasir": None}
     # 16 method rows at 4 + 2 ratios and fully supervised on both packs, 3 seeds
@@ -533,10 +533,10 @@ def test_the_reason_of_a_failure_is_the_last_exception_of_the_log(tmp_path):
         '  File "x.py", line 1, in f\n    raise CheckpointError("bad")\n'
         "mics.engine.checkpoint.CheckpointError: best.safetensors is bad\n\n"
     )
-    assert bench._last_error(log) == "mics.engine.checkpoint.CheckpointError: best.safetensors is bad"
+    assert bench.last_error(log) == "mics.engine.checkpoint.CheckpointError: best.safetensors is bad"
     log.write_text("checking images\nerror: class folder 'x' is empty\n")
-    assert bench._last_error(log) == "error: class folder 'x' is empty"
-    assert bench._last_error(tmp_path / "missing.log") == "no log"
+    assert bench.last_error(log) == "error: class folder 'x' is empty"
+    assert bench.last_error(tmp_path / "missing.log") == "no log"
 
 
 def test_threads_are_shared_out_between_jobs(monkeypatch):

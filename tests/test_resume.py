@@ -39,6 +39,15 @@ def _epochs_logged(out: Path, stage: str) -> int:
     return sum(json.loads(line)["stage"] == stage for line in path.read_text().splitlines() if line.strip())
 
 
+def _assert_no_epoch_trained_twice(out: Path) -> None:
+    """Each epoch is logged once it is checkpointed, so a resumed run that started a stage over would log
+    its early epochs a second time (an epoch killed between its checkpoint and its record is not logged)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    keys = [(r["stage"], r["epoch"]) for r in records]
+    assert len(keys) == len(set(keys)), f"epochs logged twice: {keys}"
+    assert {k[0] for k in keys} == {"pretrain", "finetune"}
+
+
 def _kill_after(out: Path, stage: str, epochs: int) -> None:
     proc = subprocess.Popen(_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -58,6 +67,7 @@ def test_kill_9_then_resume_gives_identical_metrics(tmp_path):
     assert not (cut / "metrics.json").exists()
     subprocess.run(_cmd(cut, "--resume"), check=True, capture_output=True, timeout=300)
     got = json.loads((cut / "metrics.json").read_text())
+    _assert_no_epoch_trained_twice(cut)
     for split in ("val", "test"):
         assert got[split]["confusion"] == expected[split]["confusion"]
         assert got[split]["top1"] == expected[split]["top1"]
@@ -71,5 +81,6 @@ def test_kill_9_during_finetuning_then_resume(tmp_path):
     _kill_after(cut, "finetune", 1)
     subprocess.run(_cmd(cut, "--resume"), check=True, capture_output=True, timeout=300)
     got = json.loads((cut / "metrics.json").read_text())
+    _assert_no_epoch_trained_twice(cut)
     assert got["test"]["confusion"] == expected["test"]["confusion"]
     assert got["test"]["mean_uncertainty"] == expected["test"]["mean_uncertainty"]

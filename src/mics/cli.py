@@ -159,6 +159,7 @@ def run(
     meta["machine"] = pipeline.machine_description()
     if _main_rank():
         write_report(out, {"mics": results}, meta, _command())
+        _write_card(out)
     _print_table({"mics": results})
 
 
@@ -212,7 +213,10 @@ def evaluate(run_dir: RunOpt) -> None:
     """Evaluate a run's selected model on val and test; writes RUN/metrics.json."""
     from mics import pipeline
 
-    _print_table({"mics": pipeline.evaluate(pipeline.open_run(run_dir))})
+    results = pipeline.evaluate(pipeline.open_run(run_dir))
+    if _main_rank():
+        _write_card(run_dir)
+    _print_table({"mics": results})
 
 
 @app.command()
@@ -269,11 +273,18 @@ def predict(
     ] = None,
     fmt: Annotated[OutFormat, typer.Option("--format", help="json | csv")] = OutFormat.json,
     device: DeviceOpt = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="torch | onnx (the graph written by 'mics export').")
+    ] = "torch",
+    onnx: Annotated[
+        Path | None,
+        typer.Option("--onnx", help="The exported model for --engine onnx (default RUN/model.onnx)."),
+    ] = None,
 ) -> None:
     """Class, class probabilities and TMC uncertainty for each image (bad images get an error entry)."""
     from mics.predict import predict_files, to_csv
 
-    rows = predict_files(run_dir, images, partner, device=device)
+    rows = predict_files(run_dir, images, partner, device=device, engine=engine, onnx_path=onnx)
     if fmt is OutFormat.csv:
         typer.echo(to_csv(rows), nl=False)
     else:
@@ -330,8 +341,10 @@ def demo(
 
 @app.command()
 def bench(
-    grid: Annotated[Path, typer.Option("--grid", help="Grid YAML (configs/table2-smoke.yaml, ...).")],
     out: Annotated[Path, typer.Option("--out", help="Bench folder: runs/, logs/, results.csv, results.md.")],
+    grid: Annotated[
+        Path | None, typer.Option("--grid", help="Grid YAML (configs/table2-smoke.yaml, ...).")
+    ] = None,
     jobs: Annotated[int, typer.Option("--jobs", help="Cells run at once; the CPU cores are shared out.")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and commands only.")] = False,
     set_: SetOpt = None,
@@ -349,20 +362,89 @@ def bench(
             "config) MICS cells may reuse (repeat).",
         ),
     ] = None,
+    executor: Annotated[
+        str, typer.Option("--executor", help="local (processes here) or slurm (jobs through submitit).")
+    ] = "local",
+    partition: Annotated[str | None, typer.Option("--partition", help="Slurm partition.")] = None,
+    time_limit: Annotated[
+        str, typer.Option("--time", help="Slurm time limit per job: minutes, H:MM:SS or D-HH:MM:SS.")
+    ] = "24:00:00",
+    nodes: Annotated[int, typer.Option("--nodes", help="Slurm nodes per cell (multi-node training).")] = 1,
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs per node of a cell, a process each (Slurm).")] = 1,
+    cpus: Annotated[int, typer.Option("--cpus", help="CPU cores per process of a cell (Slurm).")] = 8,
+    mem_gb: Annotated[int | None, typer.Option("--mem-gb", help="Memory per node of a cell (Slurm).")] = None,
+    array_limit: Annotated[
+        int, typer.Option("--array-limit", help="Jobs of one Slurm array running at once.")
+    ] = 32,
+    slurm_opt: Annotated[
+        list[str] | None,
+        typer.Option("--slurm-opt", help="Another sbatch option, KEY=VALUE, e.g. account=proj (repeat)."),
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Slurm: wait until every job has ended.")] = False,
+    results: Annotated[
+        Path | None,
+        typer.Option(
+            "--results",
+            help="A results CSV with protocol keys (results/<dataset>/table2.csv): skip the cells it holds, "
+            "add a row as each cell finishes, re-run stale rows.",
+        ),
+    ] = None,
+    order: Annotated[
+        str,
+        typer.Option("--order", help="grid (the grid's order) or value (10 %/5 % first, a seed at a time)."),
+    ] = "grid",
+    status: Annotated[bool, typer.Option("--status", help="Show the state of every cell of OUT.")] = False,
+    cancel: Annotated[bool, typer.Option("--cancel", help="Cancel the Slurm jobs of OUT.")] = False,
 ) -> None:
     """Run a grid of cells (data set x method x way x label ratio x seed), resuming what is left; writes
-    OUT/results.csv and OUT/results.md (the paper's Tables II-IV)."""
+    OUT/results.csv and OUT/results.md (the paper's Tables II-IV). With --executor slurm the cells are
+    submitted as Slurm jobs (docs/cluster.md)."""
     from mics import bench as bench_mod
 
+    if status or cancel:
+        from mics.bench.slurm import bench_status, cancel_bench
+
+        if cancel:
+            ids = cancel_bench(out)
+            typer.echo(f"cancelled {len(ids)} job(s): {' '.join(ids)}" if ids else "no Slurm job to cancel")
+        if status:
+            typer.echo(bench_status(out))
+        return
+    if grid is None:
+        raise bench_mod.GridError("--grid is required (the grids of the paper's tables are in configs/)")
     spec = bench_mod.load_grid(grid)
+    runner: bench_mod.Executor | None = None
+    if executor == "slurm":
+        from mics.bench.slurm import SlurmExecutor, SlurmOptions, parse_time
+
+        options = SlurmOptions(
+            partition=partition,
+            time_min=parse_time(time_limit),
+            nodes=nodes,
+            gpus=gpus,
+            cpus=cpus,
+            mem_gb=mem_gb,
+            array_limit=array_limit,
+            extra=bench_mod.parse_assignments(slurm_opt or [], "--slurm-opt"),
+        )
+        runner = SlurmExecutor(options, wait=wait)
+    elif executor != "local":
+        raise bench_mod.GridError(f"--executor {executor!r}: choose local or slurm")
     data_paths = bench_mod.parse_assignments(set_data or [], "--set-data")
     if dry_run:
-        cells = bench_mod.expand_cells(spec, data_paths=data_paths, overrides=set_ or [])
-        plan = bench_mod.plan_cells(
-            bench_mod.select_cells(cells, only or []),
+        from mics.bench.run import BenchState, plan_bench
+
+        _, plan, _ = plan_bench(
+            spec,
             out,
-            all_cells=cells,
-            reuse=bench_mod.reusable_pretrainings(reuse or []),
+            BenchState(out, spec),
+            only=only or [],
+            overrides=set_ or [],
+            data_paths=data_paths,
+            reuse=reuse or [],
+            results=results,
+            order=order,
+            dry_run=True,
         )
         typer.echo(bench_mod.describe_plan(plan, out))
         return
@@ -376,6 +458,9 @@ def bench(
             data_paths=data_paths,
             reuse=reuse or [],
             command=_command(),
+            executor=runner,
+            results=results,
+            order=order,
         )
     except KeyboardInterrupt:
         # sys.exit, not typer.Exit: main() runs the app with standalone_mode=False, which drops Exit codes
@@ -385,6 +470,8 @@ def bench(
         f"{len(result.ran)} cell(s) run, {len(result.done)} finished in all, {len(result.failed)} failed; "
         f"results: {result.results_md}"
     )
+    if result.submitted:
+        typer.echo(f"{len(result.submitted)} cell(s) submitted; see: mics bench --status --out {out}")
     for cid, reason in result.failed.items():
         typer.secho(f"failed: {cid}: {reason}", fg=typer.colors.RED, err=True)
     if result.failed:
@@ -397,10 +484,65 @@ def figures(
     out: Annotated[Path | None, typer.Option("--out", help="Default: BENCH/figures.")] = None,
 ) -> None:
     """UMAP of test features (Fig. 8), confusion matrices, learning curves and label efficiency, as PNGs."""
-    from mics.eval.figures import make_figures
+    from mics.bench.figures import make_figures
 
     for path in make_figures(bench_dir, out):
         typer.echo(str(path))
+
+
+def _write_card(run_dir: Path) -> None:
+    from mics.card import write_model_card
+
+    typer.echo(f"model card: {write_model_card(run_dir)}", err=True)
+
+
+@app.command()
+def card(run_dir: RunOpt) -> None:
+    """Write RUN/model_card.md: data, split, metrics, calibration, uncertainty flag, intended use, limits."""
+    from mics.card import write_model_card
+
+    typer.echo(str(write_model_card(run_dir)))
+
+
+@app.command()
+def export(
+    run_dir: RunOpt,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="The .onnx file to write (default RUN/model.onnx).")
+    ] = None,
+) -> None:
+    """Export the run's whole inference graph to ONNX (checked against PyTorch), with a standalone
+    predict_onnx.py next to it that needs only onnxruntime, numpy and Pillow."""
+    from mics.pipeline import RunError
+
+    try:
+        from mics.export import export_onnx
+    except ImportError as err:
+        raise RunError(
+            f"export needs the export extra ({err.name} is missing): pip install 'mics[export]'"
+        ) from None
+    result = export_onnx(run_dir, out)
+    typer.echo(
+        f"wrote {result.path} (inputs: {', '.join(result.info['inputs'])}; max |p_onnx - p_torch| = "
+        f"{result.max_abs_diff:.1e}) and {result.runner}"
+    )
+
+
+@app.command()
+def serve(
+    run_dir: RunOpt,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; 127.0.0.1 keeps it on this machine.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port (0 = any free port).")] = 8000,
+    engine: Annotated[str, typer.Option("--engine", help="torch | onnx (RUN/model.onnx).")] = "torch",
+    max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload accepted, in MB.")] = 20.0,
+) -> None:
+    """A local web page: drop an image (or a pair), see the class, probabilities, uncertainty, the generated
+    partner and the run's report."""
+    from mics.serve import serve as serve_run
+
+    serve_run(run_dir, host=host, port=port, engine=engine, max_bytes=int(max_mb * 1_000_000))
 
 
 _RESUMABLE = frozenset({"run", "baseline", "pretrain", "finetune", "demo"})

@@ -28,6 +28,11 @@ class DataConfig:
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train / val / test fractions (paper: 6:2:2)
     num_workers: int = 0  # the cache is in memory, so workers rarely pay on CPU
     generator: str = "virtual-nbi"  # partner generator used when a sample has no second image
+    # labelled batches of every method alike: "sampler" draws classes uniformly (rare classes repeat),
+    # "reweight" weights the labelled losses (CE and evidential) by inverse class frequency
+    class_balance: Literal["none", "sampler", "reweight"] = "none"
+    # "shared": the same flip/crop on both images of a pair (co-registered pairs, e.g. virtual NBI)
+    paired_aug: Literal["independent", "shared"] = "independent"
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,9 @@ class ModelConfig:
     gloe_mult: int = 4  # global embedding width = gloe_mult * width (must exceed the encoder width)
     fusion_depth: int = 2  # cross-attention blocks in the fusion encoder
     drop_path: float = 0.0
+    # encoder initialisation for every method alike: "" = random (MAE init); a path to a timm-format
+    # ViT checkpoint (.safetensors); or "timm:<model name>" (needs internet and the weights in timm's hub)
+    init: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,10 @@ class PretrainConfig:
     queue_size: int = 512  # K; rounded down to a multiple of the global batch and capped by the data set
     temp: float = 0.07  # learnable temperature, initial value, clamped to [0.001, 0.5]
     alpha: float = 0.4  # momentum-distillation weight, ramped from 0 over the first epoch
+    # "index": queue entries of the same sample count as positives (ALBEF idx_queue); "batch": only the
+    # current batch's diagonal is positive, so a sample's own earlier feature in the queue is a negative
+    queue_positives: Literal["index", "batch"] = "index"
+    reconstruction_reduce: Literal["sum", "mean"] = "sum"  # Eq. 6 sums the WLI and NBI terms
     w_consistency: float = 1.0  # a_dis
     w_reconstruction: float = 10.0  # a_res (reference code: 10)
     w_alignment: float = 1.0  # a_a
@@ -75,6 +87,9 @@ class SVDConfig:
     prototype: Literal["nearest", "random"] = "nearest"
     shrinkage: float = 1e-3  # eps of Sigma + eps * I, relative to the mean variance
     shift_scale: float = 1.0  # multiplies sampled shifts (1.0 = as the paper)
+    # "fused": rescale each shift by mean ||z^f|| / mean ||feature of its modality|| so that shift-to-feature
+    # ratio in the fused space equals the one in the encoder space where Sigma_j was estimated
+    calibrate: Literal["none", "fused"] = "fused"
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,11 @@ class FinetuneConfig:
     use_svd: bool = True
     use_tmc: bool = True
     annealing_epochs: int = 10  # lambda_t = min(1, epoch / annealing_epochs) (TMC: 50, ETMC: 10)
+    # "classifier": the fused view's evidence is softplus(classifier(z^f)) (the Eq. 15 classifier) and every
+    # view plus the combination gets the evidential loss (ETMC); "head": a separate fused evidence head with
+    # no loss of its own (the first version)
+    fused_evidence: Literal["classifier", "head"] = "classifier"
+    predict_from: Literal["combined", "classifier"] = "combined"  # class = argmax of this; u from TMC
     label_smoothing: float = 0.0
     min_steps_per_epoch: int = 10  # few labels make epochs of one step: cycle the labelled set up to this
 
@@ -117,7 +137,9 @@ class RunConfig:
     preset: str = "cpu"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast on CUDA
+    # bf16 autocast on CUDA and CPU; auto: bf16 where the device computes it natively (CUDA with bf16, a CPU
+    # with AMX or AVX512-BF16), else fp32 (engine.train.resolve_precision; the choice is in run.json)
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     compile: bool = False  # torch.compile the encoders
     eval_every: int = 1  # epochs between val evaluations
     data: DataConfig = field(default_factory=DataConfig)

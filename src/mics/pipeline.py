@@ -16,7 +16,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,13 @@ from mics.data.validate import validate, write_dropped
 from mics.engine import distributed as dist
 from mics.engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from mics.engine.logging import MetricsLogger, info
-from mics.engine.train import Schedule, fit, resolve_device, seed_all
+from mics.engine.train import Schedule, fit, resolve_device, resolve_precision, seed_all
 from mics.eval.metrics import classification_metrics
+from mics.methods.budget import finetune_steps_per_epoch, pretrain_steps_per_epoch
 from mics.methods.finetune import FusionFinetuning, labelled_batches
-from mics.methods.pretrain import SynergisticPretraining, build_encoder, pair_batches
+from mics.methods.pretrain import SynergisticPretraining, build_encoder, class_weights, pair_batches
 from mics.methods.svd import ShiftDictionary, build_dictionary, encode_features
+from mics.models.init import init_encoders
 from mics.nbi import get_generator
 
 STAGES = ("pretrain", "svd", "finetune", "evaluate")
@@ -106,8 +108,6 @@ def init_run(
     run_dir = Path(run_dir)
     cfg = cfg or preset_config("cpu")
     if seed is not None:
-        from dataclasses import replace
-
         cfg = replace(cfg, seed=seed)
     if not 0.0 < labels <= 1.0:
         raise DataError(f"--labels must be a fraction in (0, 1], got {labels}")
@@ -169,6 +169,7 @@ def init_run(
                     "labels": labels,
                     "seed": cfg.seed,
                     "preset": cfg.preset,
+                    "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
                     "mics_version": __version__,
                     "git_commit": git_commit(),
                     "n_samples": len(images),
@@ -204,18 +205,6 @@ def open_run(run_dir: str | Path) -> RunContext:
     )
 
 
-def _steps(n: int, batch: int, drop_last: bool) -> int:
-    return max(1, n // batch) if drop_last else max(1, math.ceil(n / batch))
-
-
-def pretrain_steps_per_epoch(cfg: RunConfig, n_train: int) -> int:
-    return _steps(n_train, cfg.pretrain.batch_size, drop_last=True)
-
-
-def finetune_steps_per_epoch(cfg: RunConfig, n_labelled: int) -> int:
-    return max(_steps(n_labelled, cfg.finetune.batch_size, drop_last=False), cfg.finetune.min_steps_per_epoch)
-
-
 def pretrain(ctx: RunContext, resume: bool = False) -> Path:
     """Stage 1 on every training pair (labels unused); writes ``pretrain/encoders.safetensors``."""
     cfg = ctx.cfg
@@ -248,8 +237,15 @@ def pretrain(ctx: RunContext, resume: bool = False) -> Path:
         cfg.pretrain.weight_decay,
         warmup_steps=cfg.pretrain.warmup_epochs * spe,
     )
+    init_encoders(model, cfg.model.init)
     batches = pair_batches(
-        ctx.arrays_a, ctx.arrays_b, train, cfg.pretrain.batch_size // world, ctx.device, seed=cfg.seed
+        ctx.arrays_a,
+        ctx.arrays_b,
+        train,
+        cfg.pretrain.batch_size // world,
+        ctx.device,
+        seed=cfg.seed,
+        shared_aug=cfg.data.paired_aug == "shared",
     )
     logger = MetricsLogger(ctx.run_dir)
     fit(
@@ -262,6 +258,7 @@ def pretrain(ctx: RunContext, resume: bool = False) -> Path:
         ckpt_dir=out,
         logger=logger,
         precision=cfg.precision,
+        compile=cfg.compile,
         resume=resume,
     )
     logger.close()
@@ -379,6 +376,11 @@ def split_metrics(ctx: RunContext, model: torch.nn.Module) -> dict[str, Any]:
         idx = np.asarray(getattr(ctx.split, name))
         probs, unc, feats = predict_arrays(model, ctx.arrays_a, ctx.arrays_b, idx, ctx.device)
         results[name] = classification_metrics(ctx.labels[idx], probs, ctx.images.classes, uncertainty=unc)
+        if dist.is_main():
+            # the low-confidence threshold (chosen on val) and the model card read these
+            np.savez_compressed(
+                ctx.run_dir / f"{name}_predictions.npz", probs=probs, uncertainty=unc, labels=ctx.labels[idx]
+            )
         if name == "test" and dist.is_main():
             np.savez_compressed(ctx.run_dir / "test_features.npz", features=feats, labels=ctx.labels[idx])
     return results
@@ -404,6 +406,8 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
             ShiftDictionary(**svd_state["b"]) if cfg.finetune.use_nbi else None,
         )
     labelled = np.asarray(ctx.labelled)
+    if cfg.data.class_balance == "reweight":
+        model.class_weights.copy_(class_weights(ctx.labels, labelled, ctx.num_classes))
     spe = finetune_steps_per_epoch(cfg, len(labelled))
     schedule = Schedule(
         cfg.finetune.epochs,
@@ -423,6 +427,8 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
         spe,
         ctx.device,
         seed=cfg.seed,
+        balance=cfg.data.class_balance,
+        shared_aug=cfg.data.paired_aug == "shared",
     )
     logger = MetricsLogger(ctx.run_dir)
     result = fit(
@@ -437,6 +443,7 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
         evaluate=val_scorer(ctx),
         eval_every=cfg.eval_every,
         precision=cfg.precision,
+        compile=cfg.compile,
         resume=resume,
     )
     logger.close()
@@ -456,9 +463,13 @@ def load_finetuned(
     meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     cfg = load_yaml(run_dir / "config.yaml")
     device = device or resolve_device(cfg.device)
-    model = FusionFinetuning(cfg.model, cfg.finetune, cfg.svd, cfg.data.image_size, len(meta["classes"]))
     state, _ = load_checkpoint(run_dir / "finetune" / "best", map_location="cpu")
     weights = state["model"]
+    if "evidence_f.fc.weight" in weights and cfg.finetune.fused_evidence != "head":
+        # a run folder of the first version (separate fused evidence head) predates the config field
+        cfg = replace(cfg, finetune=replace(cfg.finetune, fused_evidence="head"))
+    weights.setdefault("class_weights", torch.ones(len(meta["classes"])))
+    model = FusionFinetuning(cfg.model, cfg.finetune, cfg.svd, cfg.data.image_size, len(meta["classes"]))
     if cfg.finetune.use_svd:
         model.set_dictionaries(
             ShiftDictionary(weights["svd_a_prototypes"], weights["svd_a_shifts"]),
@@ -566,7 +577,10 @@ def baseline(
     spe = math.ceil(total / epochs)
     seed_all(cfg.seed)
     algorithm = build_algorithm(method, ctx.num_classes, len(unlabelled), cfg.ssl)
+    if cfg.data.class_balance == "reweight":
+        algorithm.class_weights = class_weights(ctx.labels, labelled, ctx.num_classes)
     model = SSLTraining(cfg.model, cfg.data.image_size, ctx.num_classes, algorithm)
+    init_encoders(model, cfg.model.init)
     schedule = Schedule(
         epochs,
         spe,
@@ -588,6 +602,7 @@ def baseline(
         ctx.device,
         seed=cfg.seed,
         use_unlabelled=method != "supervised",
+        balance=cfg.data.class_balance,
     )
 
     logger = MetricsLogger(ctx.run_dir)
@@ -603,6 +618,7 @@ def baseline(
         evaluate=val_scorer(ctx),
         eval_every=cfg.eval_every,
         precision=cfg.precision,
+        compile=cfg.compile,
         resume=resume,
         extra=algorithm,
     )

@@ -37,12 +37,19 @@ def predict_files(
     partners: Sequence[Path] | None = None,
     device: str | None = None,
     batch_size: int = 64,
+    engine: str = "torch",
+    onnx_path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """One dict per input: ``image``, ``partner``, ``class``, ``probabilities``, ``uncertainty``
-    (or ``error``)."""
+    (or ``error``). ``engine="onnx"`` runs the run's exported graph (``onnx_path``, default
+    RUN/model.onnx, written by ``mics export``) with onnxruntime instead of the PyTorch model."""
     from mics.pipeline import RunError, load_finetuned
 
     run_dir = Path(run_dir)
+    if engine == "onnx":
+        return _predict_onnx(run_dir, images, partners, onnx_path or run_dir / "model.onnx", batch_size)
+    if engine != "torch":
+        raise RunError(f"unknown engine {engine!r}; choose 'torch' or 'onnx'")
     if not (run_dir / "finetune" / "best.json").exists():
         raise RunError(
             f"{run_dir} has no fine-tuned model (finetune/best); finish the run with 'mics run' first"
@@ -87,6 +94,67 @@ def predict_files(
                     "class": classes[int(np.argmax(probs))],
                     "probabilities": {c: round(p, 6) for c, p in zip(classes, probs, strict=True)},
                     "uncertainty": round(float(pred.uncertainty[j]), 6),
+                }
+            )
+    return rows
+
+
+def _predict_onnx(
+    run_dir: Path,
+    images: Sequence[Path],
+    partners: Sequence[Path] | None,
+    onnx_path: Path,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    """:func:`predict_files` through the exported graph; images are decoded by the same code as training."""
+    from mics.onnx_predict import OnnxModel
+    from mics.pipeline import RunError
+
+    if not onnx_path.is_file():
+        raise RunError(f"{onnx_path} does not exist; write it with 'mics export --run {run_dir}' first")
+    try:
+        model = OnnxModel(onnx_path)
+    except ImportError:
+        raise RunError("the onnx engine needs onnxruntime: pip install 'mics[export]'") from None
+    except ValueError as err:
+        raise RunError(f"{err}; write it again with 'mics export --run {run_dir}'") from None
+    if partners and len(partners) != len(images):
+        raise DataError(
+            f"got {len(images)} images but {len(partners)} --partner images; give one partner per image"
+        )
+    if model.needs_partner and not partners:
+        raise DataError("this model was trained on real pairs: give each image's partner with --partner")
+    if partners and model.info["partner"] == "generated":
+        raise DataError(
+            f"{onnx_path} generates the partner inside the graph and takes no --partner; "
+            "drop --partner or use --engine torch"
+        )
+    use_partners = partners if model.needs_partner else None
+    size = model.image_size
+    rows: list[dict[str, Any]] = []
+    ready: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+    for i, path in enumerate(images):
+        rows.append({"image": str(path), "partner": str(partners[i]) if partners else None})
+        try:
+            a = _decode(Path(path), size)
+            b = _decode(Path(use_partners[i]), size) if use_partners else None
+        except DataError as err:
+            rows[i]["error"] = str(err)
+            continue
+        ready.append((i, a, b))
+    for start in range(0, len(ready), batch_size):
+        chunk = ready[start : start + batch_size]
+        out = model.predict(
+            np.stack([c[1] for c in chunk]),
+            np.stack([c[2] for c in chunk if c[2] is not None]) if use_partners else None,
+        )
+        for j, (i, _, _) in enumerate(chunk):
+            probs = [float(p) for p in out["probabilities"][j]]
+            rows[i].update(
+                {
+                    "class": model.classes[int(np.argmax(probs))],
+                    "probabilities": {c: round(p, 6) for c, p in zip(model.classes, probs, strict=True)},
+                    "uncertainty": round(float(out["uncertainty"][j]), 6),
                 }
             )
     return rows

@@ -113,3 +113,19 @@ def test_strong_without_generator_runs() -> None:
     x = _batch(3, 16, 16)
     out = strong(x, num_ops=1, magnitude=5)
     assert out.shape == x.shape and out.dtype == torch.uint8
+
+
+def test_shared_pair_augmentation_keeps_pairs_aligned() -> None:
+    from mics.data.views import weak_pair
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 255, (16, 3, 16, 16), dtype=torch.uint8)
+    b = 255 - a  # a different image with the same geometry
+    sa, sb = weak_pair(a, b, gen, shared=True)
+    assert torch.equal(sb, 255 - sa)  # one flip/crop for both
+    ia, ib = weak_pair(a, b, torch.Generator().manual_seed(0), shared=False)
+    assert not torch.equal(ib, 255 - ia)  # independent draws misalign some pairs
+    # independent mode is exactly two weak() calls in order (the first version's behaviour)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    pa, pb = weak_pair(a, b, g1)
+    assert torch.equal(pa, weak(a, g2)) and torch.equal(pb, weak(b, g2))

@@ -5,8 +5,18 @@ import math
 import pytest
 import torch
 
+import mics.engine.train as train
 from mics.engine.logging import MetricsLogger
-from mics.engine.train import EMAModel, NonFiniteLossError, Schedule, cosine_lr, derive_seed, fit
+from mics.engine.train import (
+    EMAModel,
+    NonFiniteLossError,
+    Schedule,
+    autocast_context,
+    cosine_lr,
+    derive_seed,
+    fit,
+    resolve_precision,
+)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min():
@@ -108,3 +118,62 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
     with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
         _fit(tmp_path, epochs=3, model=_Toy(blow_up_at=4))
     assert (tmp_path / "last.json").exists()
+
+
+def _no_bf16_probes(monkeypatch):
+    """Hide torch's own AMX / AVX512-BF16 probes so that /proc/cpuinfo decides."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        if hasattr(torch.cpu, probe):
+            monkeypatch.setattr(torch.cpu, probe, lambda: False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu sse avx512f amx_tile amx_bf16", True),
+        ("fpu avx512f avx512_bf16", True),
+        ("fpu avx2 avx512f", False),
+    ],
+)
+def test_cpu_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path, flags, native):
+    _no_bf16_probes(monkeypatch)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    real_path = train.Path
+    monkeypatch.setattr(train, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    assert train.cpu_native_bf16() is native
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(train, "cpu_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    assert isinstance(autocast_context(cpu, "auto"), torch.autocast)
+    monkeypatch.setattr(train, "cpu_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert not isinstance(autocast_context(cpu, "auto"), torch.autocast)
+    with pytest.raises(ValueError, match="fp32, bf16 or auto"):
+        resolve_precision("fp16", cpu)
+
+
+def test_fit_with_auto_precision_without_native_bf16_trains_exactly_as_fp32(monkeypatch):
+    monkeypatch.setattr(train, "cpu_native_bf16", lambda: False)
+    results = []
+    for precision in ("fp32", "auto"):
+        torch.manual_seed(0)
+        model = _Toy()
+        s = Schedule(epochs=1, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1)
+        fit(
+            model,
+            _batches,
+            s,
+            stage="toy",
+            seed=0,
+            device=torch.device("cpu"),
+            ckpt_dir=None,
+            logger=MetricsLogger(None),
+            precision=precision,
+        )
+        results.append(model.lin.weight.detach().clone())
+    assert torch.equal(results[0], results[1])

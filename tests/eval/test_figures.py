@@ -13,8 +13,9 @@ from PIL import Image
 
 from mics import bench
 from mics.bench import GridError
+from mics.bench.figures import make_figures
 from mics.eval import figures
-from mics.eval.figures import make_figures, read_curves
+from mics.eval.figures import read_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["BCC", "MEL", "NV"]
@@ -151,7 +152,7 @@ def test_umap_panels_use_the_smallest_ratio_and_every_method(tmp_path, monkeypat
         assert list(classes) == CLASSES
         return original(panels, classes, path, **kw)
 
-    monkeypatch.setattr(figures, "plot_umap", spy)
+    monkeypatch.setattr("mics.bench.figures.plot_umap", spy)
     make_figures(root, tmp_path / "figs", embed=pca_2d)
     assert seen == [("MICS", 60), ("fixmatch (multimodal)", 60)]  # fully supervised: 100 % only
     assert (tmp_path / "figs" / "d" / "umap_l5.png").exists()

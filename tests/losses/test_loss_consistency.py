@@ -157,3 +157,53 @@ def test_rejects_bad_arguments(change: dict, message: str) -> None:
     args = {k: v.float() for k, v in _features().items()} | {"temp": 0.07, "alpha": 0.4}
     with pytest.raises(ValueError, match=message):
         momentum_distilled_contrastive(**(args | change))
+
+
+def _naive_indexed_direction(query, query_m, keys, idx, key_idx, temp: float, alpha: float) -> float:
+    """As :func:`_naive_direction`, with every key of the same sample index a positive (spread uniformly)."""
+    total = 0.0
+    for i, (q, q_m) in enumerate(zip(query, query_m, strict=True)):
+        sims = [sum(x * y for x, y in zip(q, k, strict=True)) / temp for k in keys]
+        sims_m = [sum(x * y for x, y in zip(q_m, k, strict=True)) / temp for k in keys]
+        log_z = math.log(sum(math.exp(s) for s in sims))
+        z_m = sum(math.exp(s) for s in sims_m)
+        n_pos = sum(1 for k in key_idx if k == idx[i])
+        for j, (s, s_m) in enumerate(zip(sims, sims_m, strict=True)):
+            hard = (1.0 / n_pos) if key_idx[j] == idx[i] else 0.0
+            total -= (alpha * math.exp(s_m) / z_m + (1 - alpha) * hard) * (s - log_z)
+    return total / len(query)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_queued_features_of_the_same_sample_are_positives(alpha: float) -> None:
+    f = _features(batch=4, queue=6)
+    idx = torch.tensor([10, 11, 12, 13])
+    idx_queue = torch.tensor([12, -1, 10, 10, 7, -1])
+    loss = momentum_distilled_contrastive(**f, temp=0.1, alpha=alpha, idx=idx, idx_queue=idx_queue)
+    key_idx = idx.tolist() + idx_queue.tolist()
+    ab = _naive_indexed_direction(
+        f["z_a"].tolist(),
+        f["z_a_m"].tolist(),
+        f["z_b_m"].tolist() + f["queue_b"].tolist(),
+        idx.tolist(),
+        key_idx,
+        0.1,
+        alpha,
+    )
+    ba = _naive_indexed_direction(
+        f["z_b"].tolist(),
+        f["z_b_m"].tolist(),
+        f["z_a_m"].tolist() + f["queue_a"].tolist(),
+        idx.tolist(),
+        key_idx,
+        0.1,
+        alpha,
+    )
+    assert loss.item() == pytest.approx((ab + ba) / 2, rel=1e-10)
+    # without the index a queued copy of the sample is a negative: a different loss
+    assert loss.item() != pytest.approx(momentum_distilled_contrastive(**f, temp=0.1, alpha=alpha).item())
+
+
+def test_index_without_index_queue_is_refused() -> None:
+    with pytest.raises(ValueError, match="both idx and idx_queue"):
+        momentum_distilled_contrastive(**_features(), temp=0.1, alpha=0.4, idx=torch.arange(4))

@@ -36,7 +36,7 @@ def test_pretraining_losses_and_gradients(switches):
     cons, rec, align = switches
     cfg = replace(CFG.pretrain, consistency=cons, reconstruction=rec, alignment=align)
     model = SynergisticPretraining(CFG.model, cfg, SIZE, n_train=64, global_batch=4)
-    batch = {"a": torch.randn(4, 3, SIZE, SIZE), "b": torch.randn(4, 3, SIZE, SIZE)}
+    batch = {"a": torch.randn(4, 3, SIZE, SIZE), "b": torch.randn(4, 3, SIZE, SIZE), "index": torch.arange(4)}
     loss, logs = model(batch, _info())
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert ("l_cons" in logs) == cons and ("l_res" in logs) == rec and ("l_align" in logs) == align
@@ -58,7 +58,10 @@ def test_pretraining_needs_a_loss():
 def test_queue_is_filled_with_momentum_features():
     model = SynergisticPretraining(CFG.model, CFG.pretrain, SIZE, n_train=64, global_batch=4)
     before = model.queue_a.features.clone()
-    model({"a": torch.randn(4, 3, SIZE, SIZE), "b": torch.randn(4, 3, SIZE, SIZE)}, _info())
+    model(
+        {"a": torch.randn(4, 3, SIZE, SIZE), "b": torch.randn(4, 3, SIZE, SIZE), "index": torch.arange(4)},
+        _info(),
+    )
     assert not torch.equal(before, model.queue_a.features)
 
 

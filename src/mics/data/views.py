@@ -56,12 +56,13 @@ def _crop_indices(n: int, size: int, pad: int, x: Tensor, generator: torch.Gener
     return _reflect(coords, size)
 
 
-def weak(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Random horizontal flip + random crop after 12.5 % reflect padding: uint8 [B,3,H,W] -> same."""
-    _check_images(x)
+def _flip_crop(xs: tuple[Tensor, ...], generator: torch.Generator | None) -> tuple[Tensor, ...]:
+    """One random horizontal flip + crop (12.5 % reflect padding) per sample, applied to every tensor in
+    ``xs`` (uint8 [B,3,H,W] of one shape), done as one gather per tensor."""
+    x = xs[0]
     b, _, h, w = x.shape
     if b == 0:
-        return x.clone()
+        return tuple(t.clone() for t in xs)
     flip = _uniform(b, x, generator) < 0.5
     pad_h = min(round(PAD_FRACTION * h), h - 1)
     pad_w = min(round(PAD_FRACTION * w), w - 1)
@@ -69,8 +70,32 @@ def weak(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     cols = _crop_indices(b, w, pad_w, x, generator)  # [B, W]
     cols = torch.where(flip.unsqueeze(1), w - 1 - cols, cols)
     batch = torch.arange(b, device=x.device).view(b, 1, 1)
-    out = x.permute(0, 2, 3, 1)[batch, rows.unsqueeze(2), cols.unsqueeze(1)]  # [B, H, W, 3]
-    return out.permute(0, 3, 1, 2).contiguous()
+    outs = []
+    for t in xs:
+        out = t.permute(0, 2, 3, 1)[batch, rows.unsqueeze(2), cols.unsqueeze(1)]  # [B, H, W, 3]
+        outs.append(out.permute(0, 3, 1, 2).contiguous())
+    return tuple(outs)
+
+
+def weak(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Random horizontal flip + random crop after 12.5 % reflect padding: uint8 [B,3,H,W] -> same."""
+    _check_images(x)
+    return _flip_crop((x,), generator)[0]
+
+
+def weak_pair(
+    a: Tensor, b: Tensor, generator: torch.Generator | None = None, shared: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Weak views of both images of each pair: uint8 [B,3,H,W] x 2 -> same. ``shared`` applies one flip and
+    crop to both, so co-registered pairs (virtual NBI) stay pixel-aligned; otherwise each gets its own."""
+    if not shared:
+        return weak(a, generator), weak(b, generator)
+    _check_images(a)
+    _check_images(b)
+    if a.shape != b.shape:
+        raise ValueError(f"shared augmentation needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    out_a, out_b = _flip_crop((a, b), generator)
+    return out_a, out_b
 
 
 def cutout(x: Tensor, generator: torch.Generator | None = None, fraction: float = CUTOUT_FRACTION) -> Tensor:

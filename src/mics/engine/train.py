@@ -165,8 +165,41 @@ class EMAModel:
             b_ema.copy_(b)
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AMX tiles or AVX512-BF16), where bf16
+    autocast can be faster than float32; elsewhere torch emulates bf16 and it only costs conversions."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"amx_bf16", "avx512_bf16"})
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run computes in: ``fp32`` and ``bf16`` as asked; ``auto`` is bf16 where the device
+    computes it natively (CUDA with bf16 support, a CPU with AMX or AVX512-BF16) and fp32 elsewhere."""
+    if precision in ("fp32", "bf16"):
+        return precision
+    if precision != "auto":
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_native_bf16() else "fp32"
+    return "fp32"
+
+
 def autocast_context(device: torch.device, precision: str) -> Any:
-    if precision == "bf16" and device.type in ("cuda", "cpu"):
+    """bf16 autocast for ``bf16`` (and ``auto`` where it resolves to bf16) on CUDA and CPU, else nothing."""
+    if resolve_precision(precision, device) == "bf16" and device.type in ("cuda", "cpu"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -240,7 +273,7 @@ def fit(
     resume: bool = False,
     extra: Any = None,
     compile: bool = False,
-    compile_devices: tuple[str, ...] = ("cuda",),
+    compile_devices: tuple[str, ...] = ("cuda", "cpu"),
 ) -> FitResult:
     """Train ``method`` for ``schedule``; returns the best validation score (``evaluate`` must return
     ``{"score": ...}``, higher is better) and restores the selected weights into ``method`` (the EMA
@@ -249,7 +282,8 @@ def fit(
     ``extra`` is any object with ``state_dict()`` / ``load_state_dict()`` checkpointed with the model.
     Checkpoints: ``<ckpt_dir>/last`` each epoch (for ``resume``) and ``<ckpt_dir>/best`` on a new best.
     ``compile``: ``torch.compile`` the method's transformer blocks (:func:`compile_blocks`) when the device
-    type is in ``compile_devices`` (CUDA only by default: on CPU the compile time rarely pays back).
+    type is in ``compile_devices``. On CPU it pays back only with native bf16 (AMX): on an AVX512 CPU without
+    it, compiled fp32 blocks ran no faster than eager (``benchmarks/results/cpu-candidates-1thread.md``).
 
     Under ``torchrun`` the method is wrapped in DDP. A method whose forward leaves some trainable
     parameters without a gradient must say so with a ``find_unused_parameters = True`` attribute.
@@ -258,6 +292,9 @@ def fit(
     rank 0 would only cost time.
     """
     method.to(device)
+    asked, precision = precision, resolve_precision(precision, device)
+    if asked != precision:
+        info(f"[{stage}] precision {asked}: {precision} on {device}")
     optimizer = build_optimizer(method, schedule.lr, schedule.weight_decay, device)
     ema = EMAModel(method, schedule.ema) if schedule.ema is not None else None
     # after the EMA copy: a deep copy of a compiled module would call the original's compiled forward

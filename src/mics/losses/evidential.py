@@ -138,8 +138,9 @@ def _check_target(target: Tensor, batch: int, num_classes: int) -> None:
         raise ValueError(f"target class indices must lie in [0, {num_classes})")
 
 
-def evidential_loss(alpha: Tensor, target: Tensor, lambda_t: float) -> Tensor:
-    """TMC's loss of one view, averaged over the batch.
+def evidential_loss(alpha: Tensor, target: Tensor, lambda_t: float, weight: Tensor | None = None) -> Tensor:
+    """TMC's loss of one view, averaged over the batch (weighted by ``weight`` [B] >= 0 if given:
+    sum_i w_i l_i / sum_i w_i, as cross-entropy with class weights).
 
     alpha: [B, C] Dirichlet parameters (>= 1); target: [B] class indices; lambda_t >= 0: KL weight.
     Per sample: sum_k y_k (digamma(S) - digamma(alpha_k)) + lambda_t KL(Dir(alpha~) || Dir(1)),
@@ -156,7 +157,13 @@ def evidential_loss(alpha: Tensor, target: Tensor, lambda_t: float) -> Tensor:
     strength = alpha.sum(dim=1, keepdim=True)
     expected_ce = (onehot * (torch.digamma(strength) - torch.digamma(alpha))).sum(dim=1)
     misleading = onehot + (1 - onehot) * alpha
-    return (expected_ce + lambda_t * kl_dirichlet_uniform(misleading)).mean()
+    per_sample = expected_ce + lambda_t * kl_dirichlet_uniform(misleading)
+    if weight is None:
+        return per_sample.mean()
+    if weight.shape != per_sample.shape:
+        raise ValueError(f"weight must be [{per_sample.shape[0]}], got {tuple(weight.shape)}")
+    weight = weight.to(per_sample.dtype)
+    return (weight * per_sample).sum() / weight.sum().clamp_min(1e-12)
 
 
 def annealing_coefficient(epoch: int, annealing_epochs: int) -> float:
@@ -174,5 +181,5 @@ class EvidentialLoss(nn.Module):
     """Module form of :func:`evidential_loss`; lambda_t is passed per call because it follows the epoch
     (see :func:`annealing_coefficient`)."""
 
-    def forward(self, alpha: Tensor, target: Tensor, lambda_t: float) -> Tensor:
-        return evidential_loss(alpha, target, lambda_t)
+    def forward(self, alpha: Tensor, target: Tensor, lambda_t: float, weight: Tensor | None = None) -> Tensor:
+        return evidential_loss(alpha, target, lambda_t, weight)

@@ -19,8 +19,9 @@ from mics.config import ModelConfig, RunConfig, SSLConfig
 from mics.data.views import strong, to_float, weak
 from mics.engine import distributed as dist
 from mics.engine.train import BatchFn, StepInfo
+from mics.methods.budget import finetune_steps_per_epoch, pretrain_steps_per_epoch
 from mics.methods.finetune import Prediction
-from mics.methods.pretrain import build_encoder, cycled_order
+from mics.methods.pretrain import build_encoder, cycled_order, labelled_order
 from mics.methods.ssl import SSLAlgorithm
 from mics.models.heads import Classifier
 
@@ -102,8 +103,6 @@ def ssl_iterations(cfg: RunConfig, n_train: int, n_labelled: int) -> int:
     """The baselines' budget: SSLConfig.iterations if set, else MICS's pre-training + fine-tuning steps."""
     if cfg.ssl.iterations > 0:
         return cfg.ssl.iterations
-    from mics.pipeline import finetune_steps_per_epoch, pretrain_steps_per_epoch
-
     return cfg.pretrain.epochs * pretrain_steps_per_epoch(
         cfg, n_train
     ) + cfg.finetune.epochs * finetune_steps_per_epoch(cfg, n_labelled)
@@ -121,9 +120,11 @@ def ssl_batches(
     device: torch.device,
     seed: int,
     use_unlabelled: bool = True,
+    balance: str = "none",
 ) -> BatchFn:
     """Per step: B labelled weak views, and uratio*B unlabelled (weak, strong) views with their indices into
-    ``unlabelled``. Each stream cycles through fresh seeded permutations."""
+    ``unlabelled``. Each stream cycles through fresh seeded permutations (the labelled one draws
+    class-balanced with ``balance="sampler"``, as MICS's fine-tuning does)."""
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     # SSLConfig.batch_size is the global labelled batch, as pre-training's and fine-tuning's are
     b_l = cfg.batch_size // dist.world_size()
@@ -137,7 +138,7 @@ def ssl_batches(
         return torch.from_numpy(np.ascontiguousarray(arrays[sel])).to(device)
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-        order_l = stream(labelled, b_l, "l", epoch)
+        order_l = labelled_order(labelled, labels, seed, f"l.{epoch}", steps_per_epoch * b_l, balance)
         order_u = stream(positions, b_u, "u", epoch) if use_unlabelled else None
         for i in range(steps_per_epoch):
             sel_l = order_l[i * b_l : (i + 1) * b_l].numpy()

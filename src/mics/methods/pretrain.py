@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mics.config import ModelConfig, PretrainConfig
-from mics.data.views import to_float, weak
+from mics.data.views import to_float, weak_pair
 from mics.engine import distributed as dist
 from mics.engine.train import BatchFn, StepInfo, derive_seed
 from mics.losses.alignment import info_nce
@@ -74,7 +74,8 @@ class SynergisticPretraining(nn.Module):
             self.enc_a_m, self.enc_b_m = momentum_copy(self.enc_a), momentum_copy(self.enc_b)
             self.proj_a_m, self.proj_b_m = momentum_copy(self.proj_a), momentum_copy(self.proj_b)
             k = queue_length(cfg.queue_size, n_train, global_batch)
-            self.queue_a = FeatureQueue(model.proj_dim, k)
+            # one index queue serves both: the A and B features of a sample are enqueued together
+            self.queue_a = FeatureQueue(model.proj_dim, k, track_index=cfg.queue_positives == "index")
             self.queue_b = FeatureQueue(model.proj_dim, k)
             self.temp = nn.Parameter(torch.tensor(cfg.temp))
         if cfg.alignment:
@@ -91,12 +92,22 @@ class SynergisticPretraining(nn.Module):
         ]
 
     def forward_consistency(
-        self, cls_a: torch.Tensor, cls_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor, info: StepInfo
+        self,
+        cls_a: torch.Tensor,
+        cls_b: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        info: StepInfo,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Eq. 1-4: momentum-distilled contrastive loss between modalities with feature queues.
 
-        cls_a, cls_b: [B, D] online CLS features; a, b: [B, 3, H, W] the same views for the momentum encoders.
+        cls_a, cls_b: [B, D] online CLS features; a, b: [B, 3, H, W] the same views for the momentum encoders;
+        index: [B] sample indices (needed with ``queue_positives="index"``).
         """
+        by_index = self.queue_a.track_index
+        if by_index and index is None:
+            raise ValueError("queue_positives='index' needs the batch's sample indices (batch['index'])")
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
             for online, target in self.momentum_pairs():
@@ -116,20 +127,24 @@ class SynergisticPretraining(nn.Module):
             self.queue_b.features.clone(),
             self.temp,
             alpha,
+            index.to(z_a.device) if by_index and index is not None else None,
+            self.queue_a.indices.clone() if by_index else None,
         )
-        self.queue_a.enqueue(z_a_m)
+        self.queue_a.enqueue(z_a_m, index if by_index else None)
         self.queue_b.enqueue(z_b_m)
         return loss
 
     def forward_reconstruction(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Eq. 5-6: each encoder sees its own masked image (Mask(w), Mask(n)); ONE decoder
-        reconstructs both."""
+        reconstructs both; the two losses are summed (Eq. 6) or, with ``reconstruction_reduce="mean"``,
+        averaged."""
         losses = []
         for enc, x in ((self.enc_a, a), (self.enc_b, b)):
             tokens, mask, ids_restore = enc.forward_masked(x, self.cfg.mask_ratio)
             pred = self.decoder(tokens, ids_restore)
             losses.append(masked_reconstruction(enc.patchify(x), pred, mask, norm_pix=self.cfg.norm_pix_loss))
-        return (losses[0] + losses[1]) / 2
+        total = losses[0] + losses[1]
+        return total if self.cfg.reconstruction_reduce == "sum" else total / 2
 
     def forward_alignment(self, cls_a: torch.Tensor, cls_b: torch.Tensor) -> torch.Tensor:
         """Eq. 7-8: InfoNCE between high-dimensional global embeddings of both modalities."""
@@ -144,7 +159,7 @@ class SynergisticPretraining(nn.Module):
         if self.cfg.consistency or self.cfg.alignment:
             cls_a, cls_b = self.enc_a(a)[:, 0], self.enc_b(b)[:, 0]
         if self.cfg.consistency:
-            l_cons = self.forward_consistency(cls_a, cls_b, a, b, info)
+            l_cons = self.forward_consistency(cls_a, cls_b, a, b, info, batch.get("index"))
             loss = loss + self.cfg.w_consistency * l_cons
             logs["l_cons"] = l_cons.detach()
         if self.cfg.reconstruction:
@@ -180,6 +195,43 @@ def cycled_order(indices: np.ndarray, seed: int, tag: str, needed: int) -> torch
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
+def balanced_order(indices: np.ndarray, labels: np.ndarray, seed: int, tag: str, needed: int) -> torch.Tensor:
+    """At least ``needed`` entries of this rank's share of a class-balanced draw from ``indices``: every
+    class is equally likely at each draw (with replacement), so rare classes repeat within an epoch.
+    ``labels`` [N] holds the class of every sample (indexed by the entries of ``indices``)."""
+    idx_all = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    if len(idx_all) == 0:
+        raise ValueError("no samples to draw from")
+    classes = torch.as_tensor(np.asarray(labels)[np.asarray(indices)], dtype=torch.long)
+    counts = torch.bincount(classes)
+    weights = 1.0 / counts[classes].double()
+    world = dist.world_size()
+    gen = torch.Generator().manual_seed(derive_seed(seed, "balanced", tag))
+    # the draw is the same on every rank; each takes its strided share, as with the permutations
+    draws = torch.multinomial(weights, needed * world, replacement=True, generator=gen)
+    return dist.shard(idx_all[draws])
+
+
+def labelled_order(
+    indices: np.ndarray, labels: np.ndarray, seed: int, tag: str, needed: int, balance: str
+) -> torch.Tensor:
+    """This rank's labelled sample order: balanced draws with ``balance="sampler"``, else fresh
+    permutations (:func:`cycled_order`)."""
+    if balance == "sampler":
+        return balanced_order(indices, labels, seed, tag, needed)
+    return cycled_order(indices, seed, tag, needed)
+
+
+def class_weights(labels: np.ndarray, indices: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights [C] of the labelled set, n / (C * n_c), normalised so a balanced set gets
+    1 everywhere; a class absent from the set gets 0."""
+    counts = np.bincount(np.asarray(labels)[np.asarray(indices)], minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
 def pair_batches(
     arrays_a: np.ndarray,
     arrays_b: np.ndarray,
@@ -188,10 +240,10 @@ def pair_batches(
     device: torch.device,
     seed: int,
     drop_last: bool = True,
+    shared_aug: bool = False,
 ) -> BatchFn:
-    """Shuffled batches of weakly augmented, normalised pairs: ``{"a", "b"}`` each [B, 3, H, W].
-
-    ``batch_size`` is per process.
+    """Shuffled batches of weakly augmented, normalised pairs: ``{"a", "b"}`` each [B, 3, H, W], and the
+    samples' ``index`` [B]. ``batch_size`` is per process; ``shared_aug``: one flip/crop for both images.
     """
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
@@ -202,10 +254,7 @@ def pair_batches(
             sel.sort()  # sorted reads are faster on a memory-mapped cache; order inside a batch is irrelevant
             a = torch.from_numpy(np.ascontiguousarray(arrays_a[sel])).to(device, non_blocking=True)
             b = torch.from_numpy(np.ascontiguousarray(arrays_b[sel])).to(device, non_blocking=True)
-            yield {
-                "a": to_float(weak(a, generator)),
-                "b": to_float(weak(b, generator)),
-                "index": torch.from_numpy(sel),
-            }
+            view_a, view_b = weak_pair(a, b, generator, shared=shared_aug)
+            yield {"a": to_float(view_a), "b": to_float(view_b), "index": torch.from_numpy(sel)}
 
     return batches

@@ -86,13 +86,15 @@ class FeatureQueue(nn.Module):
     """Ring buffer of the ``size`` most recent momentum features (ALBEF's image / text queues).
 
     Buffers (checkpointed with the module): ``queue`` [size, dim] float32, started with random unit vectors,
-    and ``ptr`` [1] long, the next row to write.
+    ``ptr`` [1] long, the next row to write, and with ``track_index`` ``index`` [size] long, the sample
+    index of each row (-1 while a row holds no sample's feature).
     """
 
     queue: Tensor
     ptr: Tensor
+    index: Tensor
 
-    def __init__(self, dim: int, size: int) -> None:
+    def __init__(self, dim: int, size: int, track_index: bool = False) -> None:
         super().__init__()
         if dim <= 0 or size <= 0:
             raise ValueError(f"queue dim and size must be positive, got dim={dim}, size={size}")
@@ -100,12 +102,18 @@ class FeatureQueue(nn.Module):
         self.size = size
         self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
+        self.track_index = track_index
+        if track_index:
+            self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, feats: Tensor) -> None:
-        """Write feats [B, dim] (all-gathered across ranks first) over the oldest rows, wrapping around."""
+    def enqueue(self, feats: Tensor, index: Tensor | None = None) -> None:
+        """Write feats [B, dim] (all-gathered across ranks first) over the oldest rows, wrapping around;
+        with ``track_index`` also their sample indices ``index`` [B]."""
         if feats.dim() != 2 or feats.shape[1] != self.dim:
             raise ValueError(f"expected features [B, {self.dim}], got {list(feats.shape)}")
+        if self.track_index and (index is None or index.shape != feats.shape[:1]):
+            raise ValueError(f"this queue tracks sample indices: give index [{feats.shape[0]}] with feats")
         feats = all_gather_nograd(feats.detach())
         batch = feats.shape[0]
         if batch == 0 or self.size % batch != 0:
@@ -117,6 +125,9 @@ class FeatureQueue(nn.Module):
         # Indices are computed on the device from the tensor pointer, so no host synchronisation is needed.
         rows = (self.ptr + torch.arange(batch, device=self.ptr.device)) % self.size
         self.queue.index_copy_(0, rows, feats.to(self.queue.dtype))
+        if self.track_index and index is not None:
+            gathered = all_gather_nograd(index.to(self.index.device, torch.long))
+            self.index.index_copy_(0, rows, gathered)
         self.ptr.copy_((self.ptr + batch) % self.size)
 
     @property
@@ -124,5 +135,12 @@ class FeatureQueue(nn.Module):
         """The stored features [size, dim], detached; a view, so clone it if you enqueue before backward."""
         return self.queue.detach()
 
+    @property
+    def indices(self) -> Tensor:
+        """Sample index of each stored row [size] (-1 = empty); needs ``track_index``."""
+        if not self.track_index:
+            raise RuntimeError("this queue does not track sample indices (track_index=False)")
+        return self.index.detach()
+
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, size={self.size}"
+        return f"dim={self.dim}, size={self.size}, track_index={self.track_index}"

@@ -84,3 +84,27 @@ def test_missing_warmup_losses_are_an_error() -> None:
     algo = build_algorithm("dash", 3, 10, SSLConfig(params={"warmup_steps": 2.0}))
     with pytest.raises(RuntimeError, match="observe_supervised"):
         algo.unlabelled_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.arange(1), 5, 10)
+
+
+def test_rho_hat_comes_from_the_end_of_the_warmup_as_the_loop_calls_it() -> None:
+    # the loop alternates observe_supervised and unlabelled_loss; warm-up 20 steps, window 10 % = 2 steps
+    cfg = SSLConfig(params={"warmup_steps": 20.0, "rho_window_frac": 0.1})
+    algo = build_algorithm("dash", 3, 10, cfg)
+    losses = [math.log(3) + 5.0] + [2.0] * 17 + [0.4, 0.6]
+    for step, loss in enumerate(losses):
+        algo.observe_supervised(loss, step)
+        algo.unlabelled_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.arange(1), step, 1000)
+    assert algo.rho_hat() == pytest.approx(0.5)  # the initial loss no longer counts
+
+
+def test_rho_window_one_is_the_mean_over_the_whole_warmup() -> None:
+    algo = build_algorithm("dash", 3, 10, SSLConfig(params={"warmup_steps": 4.0, "rho_window_frac": 1.0}))
+    for step, loss in enumerate([4.0, 1.0, 1.0, 2.0]):
+        algo.observe_supervised(loss, step)
+        algo.unlabelled_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.arange(1), step, 1000)
+    assert algo.rho_hat() == pytest.approx(2.0)
+
+
+def test_rho_window_must_be_a_fraction() -> None:
+    with pytest.raises(ValueError, match="rho_window_frac"):
+        build_algorithm("dash", 3, 10, SSLConfig(params={"rho_window_frac": 0.0}))

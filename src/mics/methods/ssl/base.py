@@ -176,6 +176,9 @@ class SSLAlgorithm(ABC):
         self.cfg = cfg
         self.lambda_u = float(cfg.lambda_u)
         self.params = {key: float(cfg.params.get(key, default)) for key, default in self.DEFAULTS.items()}
+        # inverse-frequency weights [C] of the labelled loss (data.class_balance="reweight");
+        # None = plain mean
+        self.class_weights: Tensor | None = None
 
     def param(self, key: str) -> float:
         """The method parameter ``key``: ``cfg.params[key]`` if given, else the documented default."""
@@ -193,7 +196,8 @@ class SSLAlgorithm(ABC):
             raise ValueError(
                 f"y must be [B]={logits_l.shape[0]} class indices, got {tuple(y.shape)} {y.dtype}"
             )
-        return F.cross_entropy(logits_l.float(), y.long())
+        weight = None if self.class_weights is None else self.class_weights.to(logits_l.device)
+        return F.cross_entropy(logits_l.float(), y.long(), weight=weight)
 
     @abstractmethod
     def unlabelled_loss(

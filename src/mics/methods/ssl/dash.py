@@ -36,9 +36,12 @@ class Dash(SSLAlgorithm):
     """Selects unlabelled samples whose weak-view loss against their own pseudo-label is below rho_t.
 
     Steps [0, W) are the supervised warm-up (zero unlabelled loss); rho_hat is the mean labelled loss the
-    loop reported for them through :meth:`observe_supervised`. From step W on, with k = (step - W) //
-    period, rho = max(C * gamma^-k * rho_hat, rho_min); the target is softmax(logits_w / T) while rho >
-    rho_min and argmax once rho = rho_min; mask_b = 1[CE(logits_w_b, target_b) <= rho];
+    loop reported through :meth:`observe_supervised` over the END of the warm-up, its last
+    max(1, round(``rho_window_frac`` * W)) steps (USB computes rho from the model at the end of warm-up;
+    a mean over all of it would include the loss at initialisation, log C, and start rho far too high).
+    From step W on, with k = (step - W) // period, rho = max(C * gamma^-k * rho_hat, rho_min); the target
+    is softmax(logits_w / T) while rho > rho_min and argmax once rho = rho_min;
+    mask_b = 1[CE(logits_w_b, target_b) <= rho];
     L_u = lambda_u * mean_b mask_b * CE(logits_s_b, target_b).
     W = ``warmup_steps`` if positive, else round(``warmup_frac`` * total_steps) (at least 1);
     period = max(1, round(``rho_period_frac`` * total_steps)); T = ``cfg.temperature``.
@@ -52,6 +55,7 @@ class Dash(SSLAlgorithm):
         "gamma": 1.27,
         "C": 1.0001,
         "rho_min": 0.05,
+        "rho_window_frac": 0.1,
     }
     NUMBER_STATE: ClassVar[tuple[str, ...]] = ("warmup_loss_sum", "warmup_loss_count", "warmup_length")
 
@@ -61,9 +65,13 @@ class Dash(SSLAlgorithm):
             raise ValueError(f"dash: gamma must exceed 1 for rho to decay, got {self.param('gamma')}")
         if self.param("rho_min") <= 0.0:
             raise ValueError(f"dash: rho_min must be positive, got {self.param('rho_min')}")
+        if not 0.0 < self.param("rho_window_frac") <= 1.0:
+            raise ValueError(f"dash: rho_window_frac must lie in (0, 1], got {self.param('rho_window_frac')}")
         self.warmup_loss_sum = 0.0
         self.warmup_loss_count = 0
         self.warmup_length = -1
+        # (step, loss) observed before the warm-up length is known (step 0 in the training loop)
+        self._provisional: list[tuple[int, float]] = []
 
     def warmup_steps(self, total_steps: int) -> int:
         """Number of supervised-only iterations at the start of a run of ``total_steps``."""
@@ -75,8 +83,12 @@ class Dash(SSLAlgorithm):
         """Iterations between two decays of rho."""
         return max(1, round(self.param("rho_period_frac") * total_steps))
 
+    def rho_window(self, warmup: int) -> int:
+        """Number of final warm-up steps whose labelled losses make rho_hat."""
+        return max(1, min(warmup, round(self.param("rho_window_frac") * warmup)))
+
     def rho_hat(self) -> float:
-        """Mean labelled loss over the warm-up."""
+        """Mean labelled loss over the last :meth:`rho_window` steps of the warm-up."""
         if self.warmup_loss_count == 0:
             raise RuntimeError(
                 "dash: no labelled loss was observed during the warm-up; the loop must call "
@@ -90,14 +102,18 @@ class Dash(SSLAlgorithm):
         return dash_rho(self.rho_hat(), updates, self.param("gamma"), self.param("C"), self.param("rho_min"))
 
     def observe_supervised(self, sup_loss: float, step: int) -> None:
-        """Accumulate the labelled losses of the warm-up steps; later ones are ignored.
+        """Accumulate the labelled losses of the last steps of the warm-up; others are ignored.
 
         The warm-up length depends on total_steps, which only ``unlabelled_loss`` is told; it is kept in
-        the state, and until the first ``unlabelled_loss`` call every step counts as a warm-up step.
+        the state. Losses observed before the first ``unlabelled_loss`` call are held and filtered there.
         """
         if not math.isfinite(sup_loss):
             raise ValueError(f"dash: the labelled loss at step {step} is not finite ({sup_loss})")
-        if self.warmup_length < 0 or step < self.warmup_length:
+        if self.warmup_length < 0:
+            self._provisional.append((step, float(sup_loss)))
+            return
+        window_start = self.warmup_length - self.rho_window(self.warmup_length)
+        if window_start <= step < self.warmup_length:
             self.warmup_loss_sum += float(sup_loss)
             self.warmup_loss_count += 1
 
@@ -115,6 +131,12 @@ class Dash(SSLAlgorithm):
         self._check_logits(logits_w, logits_s, idx)
         self._check_steps(step, total_steps)
         warmup = self.warmup_steps(total_steps)
+        if self.warmup_length < 0:
+            start = warmup - self.rho_window(warmup)
+            kept = [loss for s, loss in self._provisional if start <= s < warmup]
+            self.warmup_loss_sum += sum(kept)
+            self.warmup_loss_count += len(kept)
+            self._provisional.clear()
         self.warmup_length = warmup
         logits_w = logits_w.detach().float()
         if step < warmup:

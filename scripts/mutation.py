@@ -1,0 +1,208 @@
+"""Mutation testing of the stages' wiring with mutmut (``make mutation``; a benchmark, not part of CI).
+
+Each module is mutated against its own fast pool of tests (the wiring tests and the module's own tests,
+``GROUPS`` below; never the CLI tests, which start processes that would import the unmutated package).
+A group runs in its own scratch copy of the repository, ``mutation/<group>/``, whose pyproject.toml has
+the ``[tool.mutmut]`` section of the repository with that group's files and tests; mutmut runs, for each
+mutant, only the tests of the pool that execute the mutated function. Then the kill rate per module is
+printed and the survivors listed. Mutants listed in docs/mutation.md as equivalent (no behaviour changes)
+are left out of the rate. Results accumulate: a second call continues where the first stopped (mutmut
+keeps what it has tested); ``--report`` only prints.
+
+    python scripts/mutation.py                  # every group (hours on 2 cores)
+    python scripts/mutation.py svd finetune     # some groups
+    python scripts/mutation.py --report         # the table of what has run so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "mutation"
+EQUIVALENT_DOC = ROOT / "docs" / "mutation.md"
+COPIED = ("src", "tests", "data/sample", "pyproject.toml")
+
+WIRING = ["tests/methods/test_pretrain_wiring.py", "tests/methods/test_finetune_wiring.py"]
+# group -> (files mutated, test pool)
+GROUPS: dict[str, tuple[list[str], list[str]]] = {
+    "svd": (
+        ["src/mics/methods/svd.py"],
+        ["tests/methods/test_svd.py", "tests/methods/test_svd_shifts.py", *WIRING],
+    ),
+    "pretrain": (
+        ["src/mics/methods/pretrain.py"],
+        ["tests/methods/test_stage_modules.py", *WIRING, "tests/methods/test_baseline_wiring.py"],
+    ),
+    "finetune": (["src/mics/methods/finetune.py"], ["tests/methods/test_stage_modules.py", *WIRING]),
+    "baseline": (["src/mics/methods/baseline.py"], ["tests/methods/test_baseline_wiring.py"]),
+    "train": (
+        ["src/mics/engine/train.py"],
+        [
+            "tests/engine/test_train.py",
+            "tests/engine/test_train_resume.py",
+            "tests/methods/test_baseline_wiring.py",
+        ],
+    ),
+    "ssl": (["src/mics/methods/ssl/*"], ["tests/methods/ssl", "tests/methods/test_baseline_wiring.py"]),
+    "predict": (["src/mics/predict.py"], ["tests/test_pipeline_predict.py"]),
+    "pipeline": (
+        ["src/mics/pipeline.py"],
+        ["tests/test_pipeline_splits.py", "tests/test_pipeline_resume.py", "tests/test_pipeline_predict.py"],
+    ),
+}
+KILLED = {1, 3, -9, -11}  # test failure, pytest internal error, killed by a signal (crash)
+STATUS = {0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout", 24: "timeout"}
+STATUS.update({-24: "timeout", 152: "timeout", 255: "timeout", 37: "type check"})
+
+
+def module_of(mutant: str) -> str:
+    """``mics.methods.svd.x_build_dictionary__mutmut_3`` -> ``mics.methods.svd``."""
+    return re.split(r"\.x[_ǁ]", mutant, maxsplit=1)[0]
+
+
+def equivalent_mutants() -> set[str]:
+    """Names in docs/mutation.md's list: lines ``- `name`: reason``."""
+    if not EQUIVALENT_DOC.exists():
+        return set()
+    return set(re.findall(r"^- `([^`]+__mutmut_\d+)`", EQUIVALENT_DOC.read_text(encoding="utf-8"), re.M))
+
+
+def results(group: str) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for meta in (WORK / group / "mutants").rglob("*.py.meta"):
+        out.update(json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"])
+    return out
+
+
+def status(code: int | None) -> str:
+    if code is None:
+        return "not run"
+    if code in KILLED:
+        return "killed"
+    return STATUS.get(code, "suspicious")
+
+
+def _toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def prepare(group: str) -> Path:
+    """The group's scratch copy, refreshed from the working tree (mutmut's own results are kept)."""
+    files, tests = GROUPS[group]
+    folder = WORK / group
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        src, dst = ROOT / name, folder / name
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    base = re.search(r"^\[tool\.mutmut\]\n(.*?)(?=^\[)", text, re.M | re.S)
+    if base is None:
+        raise SystemExit("pyproject.toml has no [tool.mutmut] section")
+    keep = [
+        line
+        for line in base.group(1).splitlines()
+        if line.split("=")[0].strip() in ("source_paths", "also_copy", "process_isolation")
+    ]
+    section = "\n".join(
+        [
+            "[tool.mutmut]",
+            *keep,
+            f"only_mutate = {_toml_list(files)}",
+            f"pytest_add_cli_args_test_selection = {_toml_list(tests)}",
+            "",
+            "",
+        ]
+    )
+    (folder / "pyproject.toml").write_text(
+        text[: base.start()] + section + text[base.end() :], encoding="utf-8"
+    )
+    return folder
+
+
+def report(groups: list[str]) -> int:
+    """Print the table; returns the number of non-equivalent survivors."""
+    equivalent = equivalent_mutants()
+    by_module: dict[str, Counter[str]] = defaultdict(Counter)
+    survivors: dict[str, list[str]] = defaultdict(list)
+    for group in groups:
+        for name, code in sorted(results(group).items()):
+            s = status(code)
+            if name in equivalent and s != "killed":
+                s = "equivalent"
+            by_module[module_of(name)][s] += 1
+            if s in ("survived", "no tests", "timeout", "suspicious"):
+                survivors[module_of(name)].append(f"{name} ({s})")
+    header = (
+        f"{'module':32} {'mutants':>7} {'run':>5} {'killed':>6} {'equiv':>5} {'alive':>5} {'kill rate':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    total: Counter[str] = Counter()
+    for module in sorted(by_module):
+        total.update(by_module[module])
+        print(_row(module, by_module[module]))
+    print("-" * len(header))
+    print(_row("all", total))
+    print("\nkill rate = killed / (run - equivalent); 'alive' = survived, no test, timeout or suspicious")
+    for module in sorted(survivors):
+        print(f"\nsurvivors in {module} (see them with: cd mutation/<group> && mutmut show NAME):")
+        for line in survivors[module]:
+            print(f"  {line}")
+    return sum(len(v) for v in survivors.values())
+
+
+def _row(name: str, c: Counter[str]) -> str:
+    n = sum(c.values())
+    run = n - c["not run"] - c["skipped"]
+    alive = c["survived"] + c["no tests"] + c["timeout"] + c["suspicious"]
+    scored = c["killed"] + alive
+    rate = f"{100 * c['killed'] / scored:.1f} %" if scored else "-"
+    return f"{name:28} {n:7d} {run:5d} {c['killed']:6d} {c['equivalent']:5d} {alive:5d} {rate:>9}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("groups", nargs="*", help=f"groups to run (default: {', '.join(GROUPS)})")
+    parser.add_argument("--report", action="store_true", help="only print the results so far")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
+    parser.add_argument(
+        "--survivors", action="store_true", help="test the surviving mutants again (after new tests)"
+    )
+    args = parser.parse_args()
+    unknown = sorted(set(args.groups) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown groups {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+    groups = args.groups or list(GROUPS)
+    if not args.report:
+        for group in groups:
+            folder = prepare(group)
+            cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+            if args.survivors:
+                alive = [n for n, c in results(group).items() if status(c) not in ("killed", "not run")]
+                alive = [n for n in alive if n not in equivalent_mutants()]
+                if not alive:
+                    continue
+                cmd += alive
+            shown = " ".join(["mutmut", *cmd[3:]]) if len(cmd) < 12 else f"mutmut {' '.join(cmd[3:6])} ..."
+            print(f"$ (cd {folder.relative_to(ROOT)} && {shown})", flush=True)
+            subprocess.run(cmd, cwd=folder, check=False)
+    report(groups)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""``predict_files`` (``mics predict``) against the evaluation path, image by image, on a finished run.
+
+The run is on the bundled GI images, whose partner is generated (virtual NBI), so ``predict_files``
+without ``partners`` must generate the same partner as the cache did; with ``partners`` given, any image
+can stand as the second modality, which makes the order of the two inputs visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mics import pipeline
+from mics.config import preset
+from mics.data.views import to_float
+from mics.eval.metrics import classification_metrics
+from mics.predict import predict_files
+from tests.conftest import GI
+
+SMOKE = preset("smoke")
+CFG = replace(
+    SMOKE,
+    pretrain=replace(SMOKE.pretrain, epochs=1),
+    finetune=replace(SMOKE.finetune, epochs=1, min_steps_per_epoch=2),
+)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    run_dir = tmp_path_factory.mktemp("predict") / "run"
+    metrics = pipeline.run(GI, run_dir, cfg=CFG, labels=0.2, seed=2)
+    ctx = pipeline.open_run(run_dir)
+    test = np.asarray(ctx.split.test)
+    samples = [ctx.images.samples[i] for i in test]
+    return {
+        "run_dir": run_dir,
+        "metrics": metrics,
+        "ctx": ctx,
+        "test": test,
+        "images": [s.path_a for s in samples],
+        # another test image as each one's partner
+        "partners": [samples[(i + 1) % len(samples)].path_a for i in range(len(samples))],
+    }
+
+
+def _probs(rows: list[dict[str, Any]], classes: list[str]) -> np.ndarray:
+    return np.array([[r["probabilities"][c] for c in classes] for r in rows])
+
+
+def test_predict_matches_the_evaluation_path_per_image(finished):
+    ctx = finished["ctx"]
+    classes = list(ctx.images.classes)
+    rows = predict_files(finished["run_dir"], finished["images"], device="cpu")
+    assert [r["image"] for r in rows] == [str(p) for p in finished["images"]]
+    assert all("error" not in r for r in rows)
+    model, _ = pipeline.load_finetuned(finished["run_dir"], torch.device("cpu"))
+    probs, unc, _ = pipeline.predict_arrays(
+        model, ctx.arrays_a, ctx.arrays_b, finished["test"], torch.device("cpu")
+    )
+    # the same images, decoded the same way, through the same model: the same numbers (rounded to 6 places)
+    np.testing.assert_allclose(_probs(rows, classes), probs, atol=2e-6)
+    np.testing.assert_allclose([r["uncertainty"] for r in rows], unc, atol=2e-6)
+    # the class is the argmax of the probabilities
+    for row, p in zip(rows, probs, strict=True):
+        assert row["class"] == classes[int(np.argmax(p))]
+        assert row["class"] == max(row["probabilities"], key=row["probabilities"].get)
+    # and the metrics the run reported for the test split follow from these predictions
+    predicted = np.array([classes.index(r["class"]) for r in rows])
+    labels = ctx.labels[finished["test"]]
+    reported = finished["metrics"]["test"]
+    confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    np.add.at(confusion, (labels, predicted), 1)
+    assert confusion.tolist() == reported["confusion"]
+    assert classification_metrics(labels, probs, classes)["top1"] == pytest.approx(reported["top1"])
+
+
+def test_predict_feeds_the_image_as_a_and_the_partner_as_b(finished):
+    ctx = finished["ctx"]
+    classes = list(ctx.images.classes)
+    images, partners = finished["images"][:8], finished["partners"][:8]
+    rows = predict_files(finished["run_dir"], images, partners, device="cpu")
+    swapped = predict_files(finished["run_dir"], partners, images, device="cpu")
+    assert not np.allclose(_probs(rows, classes), _probs(swapped, classes), atol=1e-4)
+    model, _ = pipeline.load_finetuned(finished["run_dir"], torch.device("cpu"))
+    idx = finished["test"]
+    a = to_float(torch.from_numpy(np.ascontiguousarray(ctx.arrays_a[idx[:8]])))
+    b = to_float(torch.from_numpy(np.ascontiguousarray(ctx.arrays_a[np.roll(idx, -1)[:8]])))
+    np.testing.assert_allclose(_probs(rows, classes), model.predict(a, b).probs.numpy(), atol=2e-6)
+    np.testing.assert_allclose(_probs(swapped, classes), model.predict(b, a).probs.numpy(), atol=2e-6)
+
+
+def test_predict_keeps_the_input_order_with_a_bad_image_in_between(finished, tmp_path):
+    classes = list(finished["ctx"].images.classes)
+    images: list[Path] = list(finished["images"][:3])
+    partners: list[Path] = list(finished["partners"][:3])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    rows = predict_files(
+        finished["run_dir"], [images[0], bad, images[2]], [partners[0], partners[1], partners[2]]
+    )
+    alone = predict_files(finished["run_dir"], [images[2]], [partners[2]], device="cpu")
+    assert "error" in rows[1] and "class" not in rows[1]
+    np.testing.assert_allclose(_probs([rows[2]], classes), _probs(alone, classes), atol=2e-6)

@@ -1,0 +1,102 @@
+"""Resuming a run folder continues each stage where it stopped: the epochs before the checkpoint are not
+trained again (the batch function is never asked for them), finished stages are skipped, and
+``metrics.jsonl`` holds each epoch once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mics import pipeline
+from mics.config import preset
+from tests.conftest import GI
+
+SMOKE = preset("smoke")
+CFG = replace(
+    SMOKE,
+    pretrain=replace(SMOKE.pretrain, epochs=2),
+    finetune=replace(SMOKE.finetune, epochs=2, min_steps_per_epoch=2),
+)
+
+
+class Killed(Exception):
+    """Stands for the process dying in the middle of an epoch."""
+
+
+def _spy(calls: list[int], stop_at: int | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wraps a batch-function factory so that the epochs asked for are recorded (and one can fail)."""
+
+    def wrap(factory: Callable[..., Any]) -> Callable[..., Any]:
+        def make(*args: Any, **kwargs: Any) -> Callable[..., Iterator[Any]]:
+            batches = factory(*args, **kwargs)
+
+            def spied(epoch: int, generator: Any) -> Iterator[Any]:
+                calls.append(epoch)
+                for i, batch in enumerate(batches(epoch, generator)):
+                    if epoch == stop_at and i == 1:
+                        raise Killed
+                    yield batch
+
+            return spied
+
+        return make
+
+    return wrap
+
+
+def _epochs(run_dir: Path, stage: str) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [int(r["epoch"]) for r in map(json.loads, lines) if r["stage"] == stage]
+
+
+@pytest.mark.parametrize(
+    ("stage", "factory"), [("pretrain", "pair_batches"), ("finetune", "labelled_batches")]
+)
+def test_resumed_stage_skips_the_epochs_already_trained(tmp_path, monkeypatch, stage, factory):
+    run_dir = tmp_path / "run"
+    ctx = pipeline.init_run(GI, run_dir, cfg=CFG, labels=0.2, seed=4)
+    original = getattr(pipeline, factory)
+    if stage == "finetune":
+        ctx.cfg = replace(ctx.cfg, pretrain=replace(ctx.cfg.pretrain, epochs=1))
+        pipeline.pretrain(ctx)
+        pipeline.build_svd(ctx)
+    calls: list[int] = []
+    monkeypatch.setattr(pipeline, factory, _spy(calls, stop_at=1)(original))
+    with pytest.raises(Killed):
+        getattr(pipeline, stage)(ctx)
+    assert calls == [0, 1]
+    assert _epochs(run_dir, stage) == [1]
+
+    calls.clear()
+    monkeypatch.setattr(pipeline, factory, _spy(calls)(original))
+    ctx = pipeline.open_run(run_dir)
+    getattr(pipeline, stage)(ctx, resume=True)
+    assert calls == [1], "a resumed stage trained epochs that were already checkpointed"
+    assert _epochs(run_dir, stage) == [1, 2]
+
+    calls.clear()
+    getattr(pipeline, stage)(ctx, resume=True)
+    assert calls == [], "a finished stage was trained again on resume"
+    assert _epochs(run_dir, stage) == [1, 2]
+
+
+def test_a_finished_run_resumes_without_training(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    cfg = replace(CFG, pretrain=replace(CFG.pretrain, epochs=1), finetune=replace(CFG.finetune, epochs=1))
+    first = pipeline.run(GI, run_dir, cfg=cfg, labels=0.2, seed=4)
+    calls: list[int] = []
+    for factory in ("pair_batches", "labelled_batches"):
+        monkeypatch.setattr(pipeline, factory, _spy(calls)(getattr(pipeline, factory)))
+    built: list[Any] = []
+    build_dictionary = pipeline.build_dictionary
+    monkeypatch.setattr(
+        pipeline, "build_dictionary", lambda *a, **k: built.append(1) or build_dictionary(*a, **k)
+    )
+    again = pipeline.run(GI, run_dir, cfg=cfg, labels=0.2, seed=4, resume=True)
+    assert calls == [] and built == []
+    assert again["test"]["confusion"] == first["test"]["confusion"]

@@ -1,0 +1,121 @@
+"""Which split each stage reads, by spying on the image arrays: no val or test image reaches a training
+batch (pre-training, SVD, fine-tuning, baselines), and model selection reads the val split, never test."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mics import pipeline
+from mics.config import preset
+from tests.conftest import GI
+from tests.pipeline_spies import Reads, phased_fit, recording
+
+SMOKE = preset("smoke")
+CFG = replace(
+    SMOKE,
+    pretrain=replace(SMOKE.pretrain, epochs=1),
+    finetune=replace(SMOKE.finetune, epochs=2, min_steps_per_epoch=2),
+)
+
+
+def _spied_context(data: Path, run_dir: Path, reads: Reads) -> pipeline.RunContext:
+    ctx = pipeline.init_run(data, run_dir, cfg=CFG, labels=0.2, seed=1)
+    ctx.arrays_a = recording(ctx.arrays_a, reads)
+    ctx.arrays_b = recording(ctx.arrays_b, reads)
+    return ctx
+
+
+def _splits(ctx: pipeline.RunContext) -> tuple[set[int], set[int], set[int], set[int]]:
+    s = ctx.split
+    return set(s.train), set(s.val), set(s.test), set(ctx.labelled)
+
+
+def test_mics_stages_read_only_their_split(tmp_path, monkeypatch):
+    reads = Reads()
+    monkeypatch.setattr(pipeline, "fit", phased_fit(pipeline.fit, reads))
+    ctx = _spied_context(GI, tmp_path / "run", reads)
+    train, val, test, labelled = _splits(ctx)
+    assert labelled < train and not train & val and not train & test and not val & test
+
+    pipeline.pretrain(ctx)
+    assert set(reads.by_phase) == {"train"}, "pre-training read images outside its batches"
+    seen = reads.get("train")
+    assert seen <= train
+    # one epoch of drop-last batches covers all but fewer than a batch of the training pairs
+    assert len(train) - len(seen) < CFG.pretrain.batch_size
+
+    reads.clear()
+    pipeline.build_svd(ctx)
+    assert reads.all() == train, "the SVD must encode every training image and nothing else"
+
+    reads.clear()
+    pipeline.finetune(ctx)
+    assert set(reads.by_phase) == {"train", "select"}
+    tuned = reads.get("train")
+    assert tuned <= labelled, "fine-tuning batches must be labelled training pairs"
+    assert len(tuned) > len(labelled) // 2
+    assert reads.get("select") == val, "model selection must read the val split"
+    assert not reads.all() & test
+
+    reads.clear()
+    pipeline.evaluate(ctx)
+    assert reads.all() == val | test  # the test split is read here, once the model is chosen
+
+
+@pytest.mark.parametrize("way", ["standard", "multimodal"])
+def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way):
+    reads = Reads()
+    contexts: list[pipeline.RunContext] = []
+    init_run = pipeline.init_run
+
+    def spied_init_run(*args, **kwargs):
+        ctx = init_run(*args, **kwargs)
+        ctx.arrays_a = recording(ctx.arrays_a, reads)
+        ctx.arrays_b = recording(ctx.arrays_b, reads)
+        contexts.append(ctx)
+        return ctx
+
+    monkeypatch.setattr(pipeline, "init_run", spied_init_run)
+    monkeypatch.setattr(pipeline, "fit", phased_fit(pipeline.fit, reads))
+    cfg = replace(CFG, ssl=replace(CFG.ssl, iterations=6))
+    pipeline.baseline(GI, tmp_path / "run", method="fixmatch", way=way, cfg=cfg, labels=0.2, seed=1)
+    (ctx,) = contexts
+    train, val, test, _ = _splits(ctx)
+    seen = reads.get("train")
+    assert seen and seen <= train, "a baseline's training batch read a val or test image"
+    assert reads.get("select") == val
+    assert not (seen | reads.get("select") | reads.get("fit")) & test
+    assert reads.get(None) == val | test  # the final metrics, after training
+
+
+def test_supervised_baseline_reads_only_labelled_images(tmp_path, monkeypatch):
+    reads = Reads()
+    contexts: list[pipeline.RunContext] = []
+    init_run = pipeline.init_run
+
+    def spied_init_run(*args, **kwargs):
+        ctx = init_run(*args, **kwargs)
+        ctx.arrays_a = recording(ctx.arrays_a, reads)
+        ctx.arrays_b = recording(ctx.arrays_b, reads)
+        contexts.append(ctx)
+        return ctx
+
+    monkeypatch.setattr(pipeline, "init_run", spied_init_run)
+    monkeypatch.setattr(pipeline, "fit", phased_fit(pipeline.fit, reads))
+    cfg = replace(CFG, ssl=replace(CFG.ssl, iterations=6))
+    pipeline.baseline(GI, tmp_path / "run", method="supervised", cfg=cfg, labels=0.2, seed=1)
+    (ctx,) = contexts
+    _, val, _, labelled = _splits(ctx)
+    assert reads.get("train") and reads.get("train") <= labelled
+    assert reads.get("select") == val
+
+
+def test_labelled_subset_is_drawn_from_train_only(tmp_path):
+    ctx = pipeline.init_run(GI, tmp_path / "run", cfg=CFG, labels=1.0, seed=1)
+    train, val, test, labelled = _splits(ctx)
+    assert labelled == train  # 100 % labels: all of train, and still nothing of val or test
+    assert np.isin(list(labelled), list(val | test)).sum() == 0
