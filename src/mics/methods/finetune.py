@@ -38,6 +38,8 @@ class FusionFinetuning(nn.Module):
     """f_theta + f_phi (from pre-training) -> fusion encoder f_M -> classifier, with SVD shifts and
     evidential heads on the WLI, NBI and fused views. Ablation switches follow Table IV."""
 
+    class_weights: torch.Tensor  # buffer [C]
+
     def __init__(
         self, model: ModelConfig, cfg: FinetuneConfig, svd: SVDConfig, image_size: int, num_classes: int
     ) -> None:
