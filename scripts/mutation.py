@@ -145,7 +145,7 @@ def report(groups: list[str]) -> int:
             if s in ("survived", "no tests", "timeout", "suspicious"):
                 survivors[module_of(name)].append(f"{name} ({s})")
     header = (
-        f"{'module':32} {'mutants':>7} {'run':>5} {'killed':>6} {'equiv':>5} {'alive':>5} {'kill rate':>9}"
+        f"{'module':28} {'mutants':>7} {'run':>5} {'killed':>6} {'equiv':>5} {'alive':>5} {'kill rate':>9}"
     )
     print(header)
     print("-" * len(header))
