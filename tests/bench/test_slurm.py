@@ -182,6 +182,10 @@ def _task_pid(log: Path, attempt: int) -> int | None:
     return int(pids[attempt]) if len(pids) > attempt else None
 
 
+# slow: it races the pre-emption signal against a 12-epoch smoke cell; on a quiet machine the cell can
+# finish before the handler stops it (seen once in the full suite), so it stays out of CI until it waits
+# on the handler instead of the clock
+@pytest.mark.slow
 def test_a_preempted_cell_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
     """A real baseline cell (smoke preset, bundled sample) through submitit's local backend: once its first
     epoch checkpoint exists, the job gets the pre-emption signal; submitit checkpoints (stops the cell) and
