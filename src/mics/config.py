@@ -70,8 +70,8 @@ class PretrainConfig:
     alpha: float = 0.4  # momentum-distillation weight, ramped from 0 over the first epoch
     # "index": queue entries of the same sample count as positives (ALBEF idx_queue); "batch": only the
     # current batch's diagonal is positive, so a sample's own earlier feature in the queue is a negative
-    queue_positives: Literal["index", "batch"] = "index"
-    reconstruction_reduce: Literal["sum", "mean"] = "sum"  # Eq. 6 sums the WLI and NBI terms
+    queue_positives: Literal["index", "batch"] = "batch"  # "index" not yet confirmed on val
+    reconstruction_reduce: Literal["sum", "mean"] = "mean"  # Eq. 6 sums them; "sum" not yet confirmed on val
     w_consistency: float = 1.0  # a_dis
     w_reconstruction: float = 10.0  # a_res (reference code: 10)
     w_alignment: float = 1.0  # a_a
@@ -89,7 +89,7 @@ class SVDConfig:
     shift_scale: float = 1.0  # multiplies sampled shifts (1.0 = as the paper)
     # "fused": rescale each shift by mean ||z^f|| / mean ||feature of its modality|| so that shift-to-feature
     # ratio in the fused space equals the one in the encoder space where Sigma_j was estimated
-    calibrate: Literal["none", "fused"] = "fused"
+    calibrate: Literal["none", "fused"] = "none"  # "fused" not yet confirmed on val
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class FinetuneConfig:
     # "classifier": the fused view's evidence is softplus(classifier(z^f)) (the Eq. 15 classifier) and every
     # view plus the combination gets the evidential loss (ETMC); "head": a separate fused evidence head with
     # no loss of its own (the first version)
-    fused_evidence: Literal["classifier", "head"] = "classifier"
+    fused_evidence: Literal["classifier", "head"] = "head"  # "classifier" not yet confirmed on val
     predict_from: Literal["combined", "classifier"] = "combined"  # class = argmax of this; u from TMC
     label_smoothing: float = 0.0
     min_steps_per_epoch: int = 10  # few labels make epochs of one step: cycle the labelled set up to this

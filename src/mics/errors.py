@@ -57,9 +57,7 @@ def os_error_message(err: OSError, *, retry: str = "run the same command again")
     path = _path(err)
     where = path or "a file (rerun with --debug to see which)"
     if code in (errno.EACCES, errno.EPERM):
-        return (
-            f"permission denied: {where}; give this user access to it (chmod/chown) or choose another path"
-        )
+        return f"permission denied: {where}; give this user access to it (chmod/chown) or choose another path"
     if code == errno.EROFS:
         return f"{where} is on a read-only file system; choose a writable folder (e.g. another --out)"
     if code == errno.ENOTDIR:

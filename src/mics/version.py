@@ -7,6 +7,6 @@ then: every results row recorded under the old value becomes stale and is re-run
 """
 
 # 1: the first version (results/milk10k rows of 2026-11-27/28, recorded without a protocol key)
-# 2: issue #10's wiring (index-queue positives, Eq. 6 sum, fused evidence from the Eq. 15 classifier with ETMC
-#    losses on every view, calibrated SVD shifts, Dash's rho from the end of warm-up)
+# 2: issue #10: Dash's rho from the end of warm-up, float64 hard targets in the contrastive loss, the shared
+#    class_weights buffer; the four wiring fixes exist as options (off by default until val says otherwise)
 TRAINING_CODE_VERSION = 2

@@ -178,7 +178,7 @@ def test_pretraining_step_equals_hand_built_eq9():
 
 def test_index_positives_change_the_loss_only_where_the_queue_holds_the_sample():
     torch.manual_seed(1)
-    base = replace(CFG.pretrain, reconstruction=False, alignment=False, queue_size=8)
+    base = replace(CFG.pretrain, reconstruction=False, alignment=False, queue_size=8, queue_positives="index")
     by_index = SynergisticPretraining(CFG.model, base, SIZE, n_train=8, global_batch=B)
     by_batch = SynergisticPretraining(
         CFG.model, replace(base, queue_positives="batch"), SIZE, n_train=8, global_batch=B
@@ -197,7 +197,7 @@ def test_index_positives_change_the_loss_only_where_the_queue_holds_the_sample()
 
 def test_reconstruction_reduce_mean_is_half_the_sum():
     torch.manual_seed(2)
-    cfg = replace(CFG.pretrain, consistency=False, alignment=False)
+    cfg = replace(CFG.pretrain, consistency=False, alignment=False, reconstruction_reduce="sum")
     m_sum = SynergisticPretraining(CFG.model, cfg, SIZE, n_train=8, global_batch=B)
     m_mean = SynergisticPretraining(
         CFG.model, replace(cfg, reconstruction_reduce="mean"), SIZE, n_train=8, global_batch=B
@@ -216,8 +216,9 @@ def test_reconstruction_reduce_mean_is_half_the_sum():
 
 def _finetune(num_classes: int = 3, **switches) -> FusionFinetuning:
     torch.manual_seed(4)
+    switches = {"fused_evidence": "classifier", **switches}
     cfg = replace(CFG.finetune, annealing_epochs=4, **switches)
-    model = FusionFinetuning(CFG.model, cfg, CFG.svd, SIZE, num_classes)
+    model = FusionFinetuning(CFG.model, cfg, replace(CFG.svd, calibrate="fused"), SIZE, num_classes)
     d, p = CFG.model.width, 5
     model.set_dictionaries(
         ShiftDictionary(torch.randn(num_classes, d), 3.0 * torch.randn(num_classes, p, d)),
