@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Val ablation of the wiring fixes of issue #10 on one data set, ratio and seed (cpu preset).
 #   scripts/ablate_mics.sh DATA PAIR LABELS SEED OUT
+# The defaults are the first version's wiring; each variant switches one fix on from there.
 # Runs, one after the other (each skipped when its metrics.json exists):
-#   new     every fix at its default (index queue, Eq. 6 sum, classifier evidence on every view, calibrated
-#           shifts); its pre-training is reused by the fine-tuning variants below
-#   before  the first version's wiring: batch-only positives, averaged reconstruction, separate fused head
-#           without a loss, uncalibrated shifts (pre-trained anew)
-#   ft-*    one fine-tuning switch changed from `new`, reusing its pre-training
-# Summarise with: python scripts/summarise_runs.py OUT
+#   before        the defaults: batch-only positives, averaged reconstruction, separate fused-view head
+#                 without a loss, uncalibrated shifts, no class balancing; its pre-training is reused below
+#   ft-*          one fine-tuning switch changed from `before`, reusing its pre-training
+#   pre-index     index-queue positives in pre-training (pre-trained anew)
+#   pre-sum       Eq. 6's summed reconstruction (pre-trained anew)
+#   new           every wiring fix on (index queue, sum, classifier evidence on every view, calibrated shifts)
+# Summarise with: python scripts/summarise_runs.py OUT   (val only; read the test split once, at the end)
 set -euo pipefail
 DATA=$1; PAIR=$2; LABELS=$3; SEED=$4; OUT=$5
 MICS=${MICS:-.venv/bin/mics}
@@ -22,14 +24,15 @@ one() {  # name, extra args...
     > "$OUT/$name.log" 2>&1
   echo "[$(date -u +%H:%M:%S)] done $name" >> "$OUT/log.txt"
 }
-one new
-one before --set pretrain.queue_positives=batch --set pretrain.reconstruction_reduce=mean \
-  --set finetune.fused_evidence=head --set svd.calibrate=none
-P=(--pretrained "$OUT/new")
-one ft-head "${P[@]}" --set finetune.fused_evidence=head
-one ft-nocal "${P[@]}" --set svd.calibrate=none
+one before
+P=(--pretrained "$OUT/before")
+one ft-classifier "${P[@]}" --set finetune.fused_evidence=classifier
+one ft-clspred "${P[@]}" --set finetune.fused_evidence=classifier --set finetune.predict_from=classifier
+one ft-cal "${P[@]}" --set svd.calibrate=fused
 one ft-sampler "${P[@]}" --set data.class_balance=sampler
 one ft-reweight "${P[@]}" --set data.class_balance=reweight
-one ft-clspred "${P[@]}" --set finetune.predict_from=classifier
 one ft-sharedaug "${P[@]}" --set data.paired_aug=shared
-one ft-oldpre --pretrained "$OUT/before"
+one pre-index --set pretrain.queue_positives=index
+one pre-sum --set pretrain.reconstruction_reduce=sum
+one new --set pretrain.queue_positives=index --set pretrain.reconstruction_reduce=sum \
+  --set finetune.fused_evidence=classifier --set svd.calibrate=fused
