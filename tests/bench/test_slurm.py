@@ -182,14 +182,39 @@ def _task_pid(log: Path, attempt: int) -> int | None:
     return int(pids[attempt]) if len(pids) > attempt else None
 
 
-# slow: it races the pre-emption signal against a 12-epoch smoke cell; on a quiet machine the cell can
-# finish before the handler stops it (seen once in the full suite), so it stays out of CI until it waits
-# on the handler instead of the clock
-@pytest.mark.slow
+def _only_child(pid: int) -> int:
+    children = [
+        int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()
+    ]
+    assert len(children) == 1, children
+    return children[0]
+
+
+def _stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` has stopped."""
+    states = [
+        re.search(r"^State:\s*(\S)", f.read_text(), flags=re.M)[1]
+        for f in Path(f"/proc/{pid}/task").glob("*/status")
+    ]
+    return bool(states) and set(states) == {"T"}
+
+
+def _pending(pid: int) -> int:
+    """The signals pending for process ``pid`` (its own and its threads' shared set), as a bit mask."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^ShdPnd:\s*([0-9a-f]+)$", status, flags=re.M)[1], 16) | int(
+        re.search(r"^SigPnd:\s*([0-9a-f]+)$", status, flags=re.M)[1], 16
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 def test_a_preempted_cell_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
     """A real baseline cell (smoke preset, bundled sample) through submitit's local backend: once its first
     epoch checkpoint exists, the job gets the pre-emption signal; submitit checkpoints (stops the cell) and
-    requeues it, and the requeued job continues the run folder instead of starting again."""
+    requeues it, and the requeued job continues the run folder instead of starting again.
+
+    No race with the clock: the cell's process is frozen (SIGSTOP) before the job gets the signal and thawed
+    only once the handler's SIGINT is pending for it, so it cannot finish in between however fast it is."""
     epochs = 12
     grid = bench.parse_grid(
         {
@@ -210,7 +235,18 @@ def test_a_preempted_cell_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
     while not (run_dir / "baseline" / "last.json").exists():
         assert time.time() < deadline and not (run_dir / "metrics.json").exists(), log.read_text()
         time.sleep(0.05)
-    os.kill(_task_pid(log, 0), signal.SIGUSR2)  # what Slurm sends before it pre-empts the job
+    job = _task_pid(log, 0)
+    cell = _only_child(job)
+    os.kill(cell, signal.SIGSTOP)
+    while not _stopped(cell):  # the stop takes effect: a signal sent now stays pending, not handled
+        assert time.time() < deadline, log.read_text()
+        time.sleep(0.01)
+    assert not (run_dir / "metrics.json").exists()
+    os.kill(job, signal.SIGUSR2)  # what Slurm sends before it pre-empts the job
+    while not _pending(cell) & (1 << (signal.SIGINT - 1)):
+        assert time.time() < deadline, log.read_text()
+        time.sleep(0.05)
+    os.kill(cell, signal.SIGCONT)
     while not (run_dir / "metrics.json").exists():
         assert time.time() < deadline, log.read_text()
         time.sleep(0.5)
