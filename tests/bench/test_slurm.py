@@ -183,9 +183,7 @@ def _task_pid(log: Path, attempt: int) -> int | None:
 
 
 def _only_child(pid: int) -> int:
-    children = [
-        int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()
-    ]
+    children = [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()]
     assert len(children) == 1, children
     return children[0]
 
