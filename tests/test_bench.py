@@ -651,16 +651,31 @@ def test_results_markdown_bolds_the_best_mean_per_column_and_shows_paper_rows():
     }  # one of two seeds finished; no paper rows: not the paper's data
 
 
-def test_ties_are_all_bold():
+def test_a_lead_within_the_seeds_spread_is_a_tie_not_bold():
     md = bench.markdown_table(
         {
-            ("a", ""): {0.1: bench.summarise([0.5])},
-            ("b", ""): {0.1: bench.summarise([0.5])},
-            ("c", ""): {0.1: bench.summarise([0.4])},
+            ("a", ""): {0.1: bench.summarise([0.50, 0.56]), 0.05: bench.summarise([0.40, 0.42])},
+            ("b", ""): {0.1: bench.summarise([0.49, 0.53]), 0.05: bench.summarise([0.30, 0.31])},
+            ("c", ""): {0.1: bench.summarise([0.20, 0.22])},
         },
-        labels=[0.1],
+        labels=[0.1, 0.05],
     )
-    assert md.count("**50.00**") == 2 and "**40.00**" not in md
+    # 10 %: a leads b by 2 points, a's std is 4.24 -> tie, no bold; 5 %: 10 points apart -> bold
+    assert "**53.00" not in md and "**41.00 ± 1.41**" in md
+    assert "- 10 %: tie, a and b within the seeds' spread." in md.splitlines()
+
+
+def test_one_seed_is_never_bold_and_lower_is_better_for_ece():
+    one = bench.markdown_table(
+        {("a", ""): {0.1: bench.summarise([0.5])}, ("b", ""): {0.1: bench.summarise([0.4])}}, labels=[0.1]
+    )
+    assert "**" not in one and "- 10 %: best mean a, from one seed (no spread to compare)." in one
+    ece = bench.markdown_table(
+        {("a", ""): {0.1: bench.summarise([0.30, 0.31])}, ("b", ""): {0.1: bench.summarise([0.10, 0.11])}},
+        labels=[0.1],
+        lower_is_better=True,
+    )
+    assert "**10.50 ± 0.71**" in ece and "**30.50" not in ece
 
 
 def test_results_csv_and_md_from_metrics_files(tmp_path):

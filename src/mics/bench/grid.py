@@ -18,8 +18,15 @@ MICS = "mics"
 # import torch (tests check that the two stay equal)
 BASELINES = ("supervised", "fixmatch", "flexmatch", "dash", "freematch", "softmatch", "habit", "siabc")
 WAYS = ("standard", "multimodal")
-METRICS = ("top1", "balanced_accuracy", "macro_f1")
-METRIC_TITLES = {"top1": "Top-1 accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1"}
+METRICS = ("top1", "balanced_accuracy", "macro_f1", "ece", "uncertainty_auroc")
+METRIC_TITLES = {
+    "top1": "Top-1 accuracy",
+    "balanced_accuracy": "Balanced accuracy",
+    "macro_f1": "Macro-F1",
+    "ece": "Expected calibration error (lower is better)",
+    "uncertainty_auroc": "Uncertainty AUROC (does u flag the misclassified images? 50 = chance)",
+}
+LOWER_IS_BETTER = frozenset({"ece"})
 CSV_COLUMNS = (
     "dataset",
     "method",
@@ -29,6 +36,8 @@ CSV_COLUMNS = (
     "top1",
     "balanced_accuracy",
     "macro_f1",
+    "ece",
+    "uncertainty_auroc",
     "wall_s",
     "preset",
     "git_commit",

@@ -37,7 +37,7 @@ def collect_rows(cells: Sequence[Cell], out: Path) -> list[dict[str, Any]]:
                 "way": c.way or "",
                 "labels": c.labels,
                 "seed": c.seed,
-                **{k: round(float(metrics["test"][k]), 6) for k in METRICS},
+                **{k: _metric(metrics["test"], k) for k in METRICS},
                 "wall_s": metrics.get("wall_s", ""),
                 "preset": meta.get("preset", c.preset),
                 "git_commit": meta.get("git_commit") or "",
@@ -47,6 +47,13 @@ def collect_rows(cells: Sequence[Cell], out: Path) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _metric(test: Mapping[str, Any], name: str) -> float | str:
+    """A test metric rounded for the CSV; "" where the run has none (an older run without ECE, or an
+    uncertainty AUROC undefined because every test image was right or every one wrong)."""
+    value = test.get(name)
+    return "" if value is None else round(float(value), 6)
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:

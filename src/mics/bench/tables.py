@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mics.bench.cells import format_ratio
-from mics.bench.grid import METRIC_TITLES, METRICS, Grid
+from mics.bench.grid import LOWER_IS_BETTER, METRIC_TITLES, METRICS, Grid
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,16 @@ def aggregate(
     rows: Sequence[Mapping[str, Any]], metric: str = "top1"
 ) -> dict[str, dict[tuple[str, str], dict[float, Summary]]]:
     """dataset -> (method, way) -> label ratio -> summary over seeds; each level in order of first
-    appearance."""
+    appearance. Rows without the metric (older rows without ECE, an undefined AUROC) are left out."""
     values: dict[str, dict[tuple[str, str], dict[float, list[float]]]] = {}
     for r in rows:
+        value = r.get(metric)
+        if value in (None, "") or math.isnan(float(value)):
+            continue
         per_row = values.setdefault(str(r["dataset"]), {}).setdefault(
             (str(r["method"]), str(r["way"] or "")), {}
         )
-        per_row.setdefault(float(r["labels"]), []).append(float(r[metric]))
+        per_row.setdefault(float(r["labels"]), []).append(float(value))
     return {
         ds: {row: {lab: summarise(v) for lab, v in cols.items()} for row, cols in per_ds.items()}
         for ds, per_ds in values.items()
@@ -51,6 +54,42 @@ def _fmt(s: Summary, expected_n: int | None) -> str:
     return text
 
 
+def _column_verdicts(
+    table: Mapping[tuple[str, str], Mapping[float, Summary]],
+    labels: Sequence[float],
+    lower_is_better: bool,
+    row_label: Any,
+) -> tuple[dict[float, tuple[str, str]], list[str]]:
+    """Per label ratio, the row whose mean is best *and* apart from every other row's by more than the
+    seeds' spread (the larger of the two sample stds), to be shown in bold; and, for the other columns, a
+    note saying why none is: a tie within the spread, or a best mean from one seed (no spread to compare).
+    Means are compared at the shown precision (0.01 %)."""
+    bold: dict[float, tuple[str, str]] = {}
+    notes: list[str] = []
+    sign = -1.0 if lower_is_better else 1.0
+    for lab in labels:
+        entries = {row: cols[lab] for row, cols in table.items() if lab in cols}
+        if len(entries) < 2:
+            continue
+        order = sorted(entries, key=lambda row: -sign * entries[row].mean)
+        top = entries[order[0]]
+        name = row_label(*order[0])
+        ties = [
+            row
+            for row in order[1:]
+            if round(100 * abs(top.mean - entries[row].mean), 2)
+            <= round(100 * max(top.std, entries[row].std), 2)
+        ]
+        if ties:
+            rivals = ", ".join(row_label(*row) for row in ties)
+            notes.append(f"{format_ratio(lab)} %: tie, {name} and {rivals} within the seeds' spread.")
+        elif top.n < 2:
+            notes.append(f"{format_ratio(lab)} %: best mean {name}, from one seed (no spread to compare).")
+        else:
+            bold[lab] = order[0]
+    return bold, notes
+
+
 def markdown_table(
     table: Mapping[tuple[str, str], Mapping[float, Summary]],
     *,
@@ -59,16 +98,14 @@ def markdown_table(
     expected_n: int | None = None,
     paper: Mapping[str, Mapping[float, float]] | None = None,
     paper_tag: str = "",
+    lower_is_better: bool = False,
 ) -> str:
-    """Rows = (method, way), columns = label ratios, cells = mean ± std in %; the best mean of each column
-    (at the shown precision, ties included) in bold. ``paper`` rows (top-1 %) follow the row they name and
-    take no part in the bold."""
+    """Rows = (method, way), columns = label ratios, cells = mean ± std in %. A column's best mean is in
+    bold only where it is apart from every other mean by more than the seeds' spread; otherwise a line
+    under the table says it is a tie (or rests on one seed). ``paper`` rows (top-1 %) follow the row they
+    name and take no part in the comparison."""
     row_label = row_label or (lambda name, way: name if not way else f"{name} ({way})")
-    best = {}
-    for lab in labels:
-        means = [round(100 * cols[lab].mean, 2) for cols in table.values() if lab in cols]
-        if len(means) > 1:
-            best[lab] = max(means)
+    bold, notes = _column_verdicts(table, labels, lower_is_better, row_label)
     lines = [
         "| method | " + " | ".join(f"{format_ratio(lab)} %" for lab in labels) + " |",
         "| --- | " + " | ".join("---:" for _ in labels) + " |",
@@ -80,9 +117,7 @@ def markdown_table(
                 cells.append("–")
                 continue
             text = _fmt(cols[lab], expected_n)
-            cells.append(
-                f"**{text}**" if lab in best and round(100 * cols[lab].mean, 2) == best[lab] else text
-            )
+            cells.append(f"**{text}**" if bold.get(lab) == (name, way) else text)
         lines.append(f"| {row_label(name, way)} | " + " | ".join(cells) + " |")
         key = name if not way else f"{name} ({way})"
         if paper and key in paper:
@@ -91,6 +126,8 @@ def markdown_table(
                 for lab in labels
             ]
             lines.append(f"| *{row_label(name, way)}, paper ({paper_tag})* | " + " | ".join(ref) + " |")
+    if notes:
+        lines += ["", *(f"- {n}" for n in notes)]
     return "\n".join(lines)
 
 
@@ -119,9 +156,11 @@ def results_markdown(
         ]
     commits = sorted({str(r.get("git_commit")) for r in rows if r.get("git_commit")})
     lines += [
-        "Test-set metrics in %, mean ± sample standard deviation over seeds; the best mean of each column "
-        "in **bold**; (n=k): only k seeds finished. Paper rows (*italic*) are the paper's top-1 on its own "
-        "data, shown only for data sets tagged as the paper's.",
+        "Test-set metrics in %, mean ± sample standard deviation over seeds; a column's best mean is in "
+        "**bold** only where it is apart from every other by more than the seeds' spread (the larger "
+        "std), otherwise the line under the table calls it a tie; (n=k): only k seeds finished. Paper "
+        "rows (*italic*) are the paper's top-1 on its own data, shown only for data sets tagged as the "
+        "paper's.",
         f"Runs: {len(rows)}; code: {', '.join(commits) or 'unknown'}.",
         "",
     ]
@@ -147,6 +186,7 @@ def results_markdown(
                     expected_n=expected,
                     paper=paper,
                     paper_tag=tag or "",
+                    lower_is_better=metric in LOWER_IS_BETTER,
                 ),
                 "",
             ]
