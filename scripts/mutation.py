@@ -17,6 +17,7 @@ keeps what it has tested); ``--report`` only prints.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shutil
@@ -187,6 +188,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown groups {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     groups = args.groups or list(GROUPS)
+    if not args.report and importlib.util.find_spec("mutmut") is None:
+        print("mutmut is not installed: pip install -e '.[mutation]' (or run make mutation)", file=sys.stderr)
+        return 2
     if not args.report:
         for group in groups:
             folder = prepare(group)
