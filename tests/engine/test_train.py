@@ -177,3 +177,60 @@ def test_fit_with_auto_precision_without_native_bf16_trains_exactly_as_fp32(monk
         )
         results.append(model.lin.weight.detach().clone())
     assert torch.equal(results[0], results[1])
+
+
+class _TwoSpeeds(torch.nn.Module):
+    """A "pre-trained" layer and a new head whose learning rate is 10x (the method's ``lr_scale``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 1)
+
+    def lr_scale(self, name: str) -> float:
+        return 1.0 if name.startswith("enc.") else 10.0
+
+    def forward(self, batch, info):
+        return ((self.head(self.enc(batch["x"])).squeeze(-1) - batch["y"]) ** 2).mean(), {}
+
+
+def test_lr_scale_puts_each_parameter_in_a_group_whose_lr_follows_the_schedule_times_its_factor():
+    model = _TwoSpeeds()
+    opt = train.build_optimizer(model, 0.1, 0.05, torch.device("cpu"), model.lr_scale)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert (
+        by_param[id(model.enc.weight)]["lr_scale"] == 1.0
+        and by_param[id(model.head.weight)]["lr_scale"] == 10
+    )
+    assert (
+        by_param[id(model.enc.weight)]["weight_decay"] == 0.05
+        and by_param[id(model.head.bias)]["weight_decay"] == 0
+    )
+    with pytest.raises(ValueError, match="positive"):
+        train.build_optimizer(model, 0.1, 0.0, torch.device("cpu"), lambda name: 0.0)
+
+    seen = []
+    real = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append({g["lr_scale"]: g["lr"] for g in self.param_groups})
+        return real(self, *args, **kwargs)
+
+    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", spy)
+        fit(
+            model,
+            _batches,
+            s,
+            stage="toy",
+            seed=0,
+            device=torch.device("cpu"),
+            ckpt_dir=None,
+            logger=MetricsLogger(None),
+        )
+    assert len(seen) == 6
+    for step, lrs in enumerate(seen):
+        assert lrs[1.0] == pytest.approx(cosine_lr(step, s)) and lrs[10.0] == pytest.approx(
+            10 * cosine_lr(step, s)
+        )

@@ -115,3 +115,18 @@ def test_tmc_prediction_is_the_combined_opinion():
     pred = m.predict(a, b)
     assert torch.allclose(pred.probs, alpha / alpha.sum(1, keepdim=True))
     assert torch.allclose(pred.uncertainty, 3 / alpha.sum(1))
+
+
+def test_fine_tuning_scales_the_lr_of_the_layers_pre_training_did_not_train():
+    from mics.config import ConfigError
+
+    cfg = preset("smoke")
+    method = FusionFinetuning(
+        cfg.model, replace(cfg.finetune, head_lr_mult=10.0), cfg.svd, cfg.data.image_size, num_classes=3
+    )
+    scales = {name: method.lr_scale(name) for name, _ in method.named_parameters()}
+    new = {n.split(".")[0] for n, v in scales.items() if v == 10.0}
+    assert {n.split(".")[0] for n, v in scales.items() if v == 1.0} == {"enc_a", "enc_b"}
+    assert new == {"fusion", "classifier", "evidence_a", "evidence_b", "evidence_f"}
+    with pytest.raises(ConfigError, match="head_lr_mult"):
+        FusionFinetuning(cfg.model, replace(cfg.finetune, head_lr_mult=0.0), cfg.svd, cfg.data.image_size, 3)

@@ -106,18 +106,30 @@ def cosine_lr(step: int, schedule: Schedule) -> float:
 
 
 def build_optimizer(
-    module: nn.Module, lr: float, weight_decay: float, device: torch.device
+    module: nn.Module,
+    lr: float,
+    weight_decay: float,
+    device: torch.device,
+    lr_scale: Callable[[str], float] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases, norms, tokens and position embeddings (1-D or named so)."""
-    decay, no_decay = [], []
+    """AdamW without weight decay on biases, norms, tokens and position embeddings (1-D or named so).
+
+    ``lr_scale(name)``: a factor on the learning rate of parameter ``name`` (e.g. new heads on pre-trained
+    encoders); each param group keeps its factor as ``"lr_scale"`` and :func:`fit` applies it every step."""
+    groups_by_key: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token", "temp")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token", "temp"))
+        scale = float(lr_scale(name)) if lr_scale is not None else 1.0
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"lr scale of {name} must be a positive number, got {scale}")
+        groups_by_key.setdefault((no_decay, scale), []).append(p)
+    keys = sorted(groups_by_key, key=lambda k: (k[1], k[0]))
+    groups = [
+        {"params": groups_by_key[k], "weight_decay": 0.0 if k[0] else weight_decay, "lr_scale": k[1]}
+        for k in keys
+    ]
     # the fused kernel updates every tensor in one pass; on CPU it is also 3x faster than the default
     # per-tensor loop for the small ViTs of the cpu preset (benchmarks/README.md)
     fused = device.type in ("cuda", "cpu")
@@ -279,7 +291,9 @@ def fit(
     ``{"score": ...}``, higher is better) and restores the selected weights into ``method`` (the EMA
     copy's when ``schedule.ema`` is set).
 
-    ``extra`` is any object with ``state_dict()`` / ``load_state_dict()`` checkpointed with the model.
+    A method may define ``lr_scale(name) -> float``, a factor on the learning rate of each parameter
+    (:func:`build_optimizer`). ``extra`` is any object with ``state_dict()`` / ``load_state_dict()``
+    checkpointed with the model.
     Checkpoints: ``<ckpt_dir>/last`` each epoch (for ``resume``) and ``<ckpt_dir>/best`` on a new best.
     ``compile``: ``torch.compile`` the method's transformer blocks (:func:`compile_blocks`) when the device
     type is in ``compile_devices``. On CPU it pays back only with native bf16 (AMX): on an AVX512 CPU without
@@ -295,7 +309,9 @@ def fit(
     asked, precision = precision, resolve_precision(precision, device)
     if asked != precision:
         info(f"[{stage}] precision {asked}: {precision} on {device}")
-    optimizer = build_optimizer(method, schedule.lr, schedule.weight_decay, device)
+    optimizer = build_optimizer(
+        method, schedule.lr, schedule.weight_decay, device, getattr(method, "lr_scale", None)
+    )
     ema = EMAModel(method, schedule.ema) if schedule.ema is not None else None
     # after the EMA copy: a deep copy of a compiled module would call the original's compiled forward
     if compile and device.type in compile_devices:
@@ -333,7 +349,7 @@ def fit(
             step = epoch * schedule.steps_per_epoch + i
             lr = cosine_lr(step, schedule)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             step_info = StepInfo(epoch, step, total, i / schedule.steps_per_epoch, generator)
             with autocast_context(device, precision):
                 loss, logs = train_module(batch, step_info)

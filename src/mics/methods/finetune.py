@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mics.config import FinetuneConfig, ModelConfig, SVDConfig
+from mics.config import ConfigError, FinetuneConfig, ModelConfig, SVDConfig
 from mics.data.views import to_float, weak, weak_pair
 from mics.engine.train import BatchFn, StepInfo
 from mics.losses.evidential import (
@@ -44,6 +44,8 @@ class FusionFinetuning(nn.Module):
         self, model: ModelConfig, cfg: FinetuneConfig, svd: SVDConfig, image_size: int, num_classes: int
     ) -> None:
         super().__init__()
+        if not cfg.head_lr_mult > 0:
+            raise ConfigError(f"finetune.head_lr_mult must be positive, got {cfg.head_lr_mult}")
         self.cfg, self.svd_cfg, self.num_classes = cfg, svd, num_classes
         self.enc_a = build_encoder(model, image_size)
         if cfg.use_nbi:
@@ -58,6 +60,11 @@ class FusionFinetuning(nn.Module):
                 self.evidence_b = EvidentialHead(model.width, num_classes)
         # per-class weights of the labelled losses (data.class_balance="reweight"); ones = unweighted
         self.register_buffer("class_weights", torch.ones(num_classes))
+
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate factor of parameter ``name``: 1 for the pre-trained encoders, ``head_lr_mult`` for
+        the layers fine-tuning adds (fusion encoder, classifier, evidence heads)."""
+        return 1.0 if name.startswith(("enc_a.", "enc_b.")) else self.cfg.head_lr_mult
 
     @property
     def uses_partner(self) -> bool:
