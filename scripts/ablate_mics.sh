@@ -5,7 +5,8 @@
 # Runs, one after the other (each skipped when its metrics.json exists):
 #   before        the defaults: batch-only positives, averaged reconstruction, separate fused-view head
 #                 without a loss, uncalibrated shifts, no class balancing; its pre-training is reused below
-#   ft-*          one fine-tuning switch changed from `before`, reusing its pre-training
+#   ft-*          one fine-tuning switch changed from `before`, reusing its pre-training (ft-headlr10: the
+#                 layers fine-tuning adds learn at 10x the encoders' lr)
 #   pre-index     index-queue positives in pre-training (pre-trained anew)
 #   pre-sum       Eq. 6's summed reconstruction (pre-trained anew)
 #   new           every wiring fix on (index queue, sum, classifier evidence on every view, calibrated shifts)
@@ -32,6 +33,8 @@ one ft-cal "${P[@]}" --set svd.calibrate=fused
 one ft-sampler "${P[@]}" --set data.class_balance=sampler
 one ft-reweight "${P[@]}" --set data.class_balance=reweight
 one ft-sharedaug "${P[@]}" --set data.paired_aug=shared
+one ft-headlr10 "${P[@]}" --set finetune.head_lr_mult=10
+one ft-headlr10-classifier "${P[@]}" --set finetune.head_lr_mult=10 --set finetune.fused_evidence=classifier
 one pre-index --set pretrain.queue_positives=index
 one pre-sum --set pretrain.reconstruction_reduce=sum
 one new --set pretrain.queue_positives=index --set pretrain.reconstruction_reduce=sum \
