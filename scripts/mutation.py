@@ -53,7 +53,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ],
     ),
     "ssl": (["src/mics/methods/ssl/*"], ["tests/methods/ssl", "tests/methods/test_baseline_wiring.py"]),
-    "predict": (["src/mics/predict.py"], ["tests/test_pipeline_predict.py"]),
+    "predict": (["src/mics/predict.py"], ["tests/test_pipeline_predict.py", "tests/test_export.py"]),
     "pipeline": (
         ["src/mics/pipeline.py"],
         ["tests/test_pipeline_splits.py", "tests/test_pipeline_resume.py", "tests/test_pipeline_predict.py"],

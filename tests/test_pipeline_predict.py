@@ -106,3 +106,82 @@ def test_predict_keeps_the_input_order_with_a_bad_image_in_between(finished, tmp
     alone = predict_files(finished["run_dir"], [images[2]], [partners[2]], device="cpu")
     assert "error" in rows[1] and "class" not in rows[1]
     np.testing.assert_allclose(_probs([rows[2]], classes), _probs(alone, classes), atol=2e-6)
+
+
+def test_predict_refuses_what_it_cannot_do_with_messages_that_say_what_to_do(finished, tmp_path):
+    from mics.data.errors import DataError
+    from mics.pipeline import RunError
+
+    run_dir, images, partners = finished["run_dir"], finished["images"][:2], finished["partners"][:1]
+    with pytest.raises(RunError, match="unknown engine 'tf'"):
+        predict_files(run_dir, images, engine="tf")
+    with pytest.raises(RunError, match=r"no fine-tuned model .*'mics run'"):
+        predict_files(tmp_path, images)
+    with pytest.raises(DataError, match="got 2 images but 1 --partner images"):
+        predict_files(run_dir, images, partners, device="cpu")
+    with pytest.raises(RunError, match="mics export"):
+        predict_files(run_dir, images, engine="onnx")
+    rows = predict_files(run_dir, [tmp_path / "missing.png"], device="cpu")
+    assert rows == [
+        {
+            "image": str(tmp_path / "missing.png"),
+            "partner": None,
+            "error": f"{tmp_path / 'missing.png'}: no such file",
+        }
+    ]
+
+
+def test_predict_on_real_pairs_needs_the_partner(finished, tmp_path):
+    import json
+    import shutil
+
+    from mics.data.errors import DataError
+
+    run_dir = tmp_path / "paired"
+    shutil.copytree(finished["run_dir"], run_dir)
+    meta = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**meta, "pair": "suffix:a,b"}))
+    with pytest.raises(DataError, match=r"real pairs \(suffix:a,b\): give each image's partner"):
+        predict_files(run_dir, finished["images"][:1], device="cpu")
+    assert (
+        "error"
+        not in predict_files(run_dir, finished["images"][:1], finished["partners"][:1], device="cpu")[0]
+    )
+
+
+def test_csv_and_json_outputs_hold_every_row_in_order():
+    import csv
+    import io
+    import json
+
+    from mics.predict import to_csv, to_json
+
+    rows = [
+        {
+            "image": "a.png",
+            "partner": "a_nbi.png",
+            "class": "y",
+            "probabilities": {"x": 0.25, "y": 0.75},
+            "uncertainty": 0.5,
+        },
+        {"image": "b.png", "partner": None, "error": "b.png: no such file"},
+        {
+            "image": "c.png",
+            "partner": None,
+            "class": "x",
+            "probabilities": {"x": 0.9, "y": 0.1},
+            "uncertainty": 0.1,
+        },
+    ]
+    table = list(csv.reader(io.StringIO(to_csv(rows))))
+    assert table == [
+        ["image", "partner", "class", "uncertainty", "p_x", "p_y", "error"],
+        ["a.png", "a_nbi.png", "y", "0.5", "0.25", "0.75", ""],
+        ["b.png", "", "", "", "", "", "b.png: no such file"],
+        ["c.png", "", "x", "0.1", "0.9", "0.1", ""],
+    ]
+    assert json.loads(to_json(rows)) == rows
+    assert list(csv.reader(io.StringIO(to_csv([rows[1]])))) == [
+        ["image", "partner", "class", "uncertainty", "error"],
+        ["b.png", "", "", "", "b.png: no such file"],
+    ]
