@@ -35,6 +35,10 @@ one ft-reweight "${P[@]}" --set data.class_balance=reweight
 one ft-sharedaug "${P[@]}" --set data.paired_aug=shared
 one ft-headlr10 "${P[@]}" --set finetune.head_lr_mult=10
 one ft-headlr10-classifier "${P[@]}" --set finetune.head_lr_mult=10 --set finetune.fused_evidence=classifier
+# pairs of the fine-tuning switches that helped one metric each on seed 0
+one ft-sampler-clspred "${P[@]}" --set data.class_balance=sampler --set finetune.fused_evidence=classifier \
+  --set finetune.predict_from=classifier
+one ft-sampler-headlr10 "${P[@]}" --set data.class_balance=sampler --set finetune.head_lr_mult=10
 one pre-index --set pretrain.queue_positives=index
 one pre-sum --set pretrain.reconstruction_reduce=sum
 one new --set pretrain.queue_positives=index --set pretrain.reconstruction_reduce=sum \
