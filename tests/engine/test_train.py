@@ -234,3 +234,75 @@ def test_lr_scale_puts_each_parameter_in_a_group_whose_lr_follows_the_schedule_t
         assert lrs[1.0] == pytest.approx(cosine_lr(step, s)) and lrs[10.0] == pytest.approx(
             10 * cosine_lr(step, s)
         )
+
+
+def test_resolve_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    mps = getattr(torch.backends, "mps", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if mps is not None:
+        monkeypatch.setattr(mps, "is_available", lambda: False)
+    assert train.resolve_device("auto") == torch.device("cpu")
+    assert train.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="CUDA is not available; use --device cpu"):
+        train.resolve_device("cuda:1")
+    if mps is not None:
+        monkeypatch.setattr(mps, "is_available", lambda: True)
+        assert train.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train.dist, "local_rank", lambda: 3)
+    # under torchrun "cuda" is the local rank's GPU; "auto" too
+    assert train.resolve_device("cuda") == torch.device("cuda", 3)
+    assert train.resolve_device("auto") == torch.device("cuda", 3)
+    assert train.resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_compile_blocks_compiles_each_element_of_every_module_list(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    model = torch.nn.Sequential(
+        torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]),
+        torch.nn.Linear(2, 2),
+        torch.nn.Sequential(torch.nn.ModuleList([torch.nn.ReLU()])),
+    )
+    assert train.compile_blocks(model) == 3
+    assert compiled == [model[0][0], model[0][1], model[2][0][0]]
+
+
+def test_wrap_ddp_skips_the_per_step_buffer_broadcast_and_says_when_parameters_go_unused(tmp_path):
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain = torch.nn.Linear(2, 2)
+        ddp = train.wrap_ddp(plain, torch.device("cpu"))
+        assert train.unwrap(ddp) is plain and train.unwrap(plain) is plain
+        assert ddp.device_ids is None and ddp.find_unused_parameters is False
+        assert getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None)) is False
+
+        class Partial(torch.nn.Linear):
+            find_unused_parameters = True
+
+        assert train.wrap_ddp(Partial(2, 2), torch.device("cpu")).find_unused_parameters is True
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_cpu_native_bf16_trusts_torchs_own_probes_before_the_flags(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2\n")
+    real_path = train.Path
+    monkeypatch.setattr(train, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    _no_bf16_probes(monkeypatch)
+    assert train.cpu_native_bf16() is False
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        _no_bf16_probes(monkeypatch)
+        monkeypatch.setattr(torch.cpu, probe, lambda: True, raising=False)
+        assert train.cpu_native_bf16() is True, probe
+    # no flags line, or no /proc/cpuinfo at all: not native
+    _no_bf16_probes(monkeypatch)
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: amx_bf16 in a name\n")
+    assert train.cpu_native_bf16() is False
+    monkeypatch.setattr(
+        train, "Path", lambda p: tmp_path / "missing" if p == "/proc/cpuinfo" else real_path(p)
+    )
+    assert train.cpu_native_bf16() is False
