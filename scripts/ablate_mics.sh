@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Val ablation of the wiring fixes of issue #10 on one data set, ratio and seed (cpu preset).
-#   scripts/ablate_mics.sh DATA PAIR LABELS SEED OUT
+#   scripts/ablate_mics.sh DATA PAIR LABELS SEED OUT [NAME ...]
+# With NAMEs, only those variants run (`before` is always run first: the ft-* variants reuse it).
 # The defaults are the first version's wiring; each variant switches one fix on from there.
 # Runs, one after the other (each skipped when its metrics.json exists):
 #   before        the defaults: batch-only positives, averaged reconstruction, separate fused-view head
@@ -13,11 +14,14 @@
 # Summarise with: python scripts/summarise_runs.py OUT   (val only; read the test split once, at the end)
 set -euo pipefail
 DATA=$1; PAIR=$2; LABELS=$3; SEED=$4; OUT=$5
+shift 5
+ONLY=" before $* "
 MICS=${MICS:-.venv/bin/mics}
 mkdir -p "$OUT"
 one() {  # name, extra args...
   local name=$1; shift
   [ -f "$OUT/$name/metrics.json" ] && return 0
+  [ "$ONLY" != " before  " ] && [[ "$ONLY" != *" $name "* ]] && return 0
   local resume=()
   [ -f "$OUT/$name/run.json" ] && resume=(--resume)
   echo "[$(date -u +%H:%M:%S)] start $name" >> "$OUT/log.txt"
