@@ -306,3 +306,70 @@ def test_cpu_native_bf16_trusts_torchs_own_probes_before_the_flags(monkeypatch, 
         train, "Path", lambda p: tmp_path / "missing" if p == "/proc/cpuinfo" else real_path(p)
     )
     assert train.cpu_native_bf16() is False
+
+
+def test_optimizer_groups_skip_frozen_parameters_and_exempt_tokens_and_norms_from_decay():
+    class Tokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+            self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 4))
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, 3, 4))
+            self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, 4))
+            self.temp = torch.nn.Parameter(torch.ones(1, 1))
+            self.norm = torch.nn.LayerNorm(4)
+            self.fc = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 2)
+
+    model = Tokens()
+    opt = train.build_optimizer(
+        model, 0.1, 0.05, torch.device("cpu"), lambda n: 10.0 if n.startswith("head") else 1.0
+    )
+    groups = [(g["lr_scale"], g["weight_decay"], {id(p) for p in g["params"]}) for g in opt.param_groups]
+    ids = {name: id(p) for name, p in model.named_parameters()}
+    # one group per (scale, decay), in a fixed order: checkpointed optimizer states depend on it
+    assert [(s, wd) for s, wd, _ in groups] == [(1.0, 0.05), (1.0, 0.0), (10.0, 0.05), (10.0, 0.0)]
+    assert groups[0][2] == {ids["fc.weight"]}
+    assert groups[1][2] == {
+        ids[n]
+        for n in ("cls_token", "pos_embed", "mask_token", "temp", "norm.weight", "norm.bias", "fc.bias")
+    }
+    assert groups[2][2] == {ids["head.weight"]} and groups[3][2] == {ids["head.bias"]}
+    assert not {ids["frozen.weight"], ids["frozen.bias"]} & set().union(*(g for *_, g in groups))
+    assert all(g["fused"] for g in opt.param_groups)  # the fused kernel on CPU (and CUDA)
+
+
+def test_ema_decay_zero_copies_the_online_weights_and_the_copy_is_frozen():
+    online = torch.nn.Linear(2, 1)
+    ema = EMAModel(online, decay=0.0)
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+    with torch.no_grad():
+        online.weight.add_(1.0)
+    ema.update(online, step=100)
+    assert torch.equal(ema.module.weight, online.weight)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        EMAModel(online, decay=1.0)
+
+
+@pytest.mark.parametrize(("bad", "where"), [(-1, None), (0, "epoch 1, step 1"), (7, "epoch 3, step 8")])
+def test_a_non_finite_loss_is_reported_at_its_epoch_and_step(bad, where):
+    s = Schedule(epochs=4, steps_per_epoch=3, lr=0.1, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    if where is None:
+        train._raise_if_non_finite(torch.tensor(bad), "toy", s)
+        return
+    with pytest.raises(NonFiniteLossError, match=rf"^\[toy\] the loss became NaN or infinite at {where};"):
+        train._raise_if_non_finite(torch.tensor(bad), "toy", s)
+
+
+def test_seed_all_seeds_python_numpy_and_torch():
+    import random
+
+    import numpy as np
+
+    draws = []
+    for _ in range(2):
+        train.seed_all(2**40 + 5)
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(()))))
+    assert draws[0] == draws[1]
+    train.seed_all(6)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) != draws[0]
