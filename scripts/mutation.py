@@ -31,7 +31,12 @@ WORK = ROOT / "mutation"
 EQUIVALENT_DOC = ROOT / "docs" / "mutation.md"
 COPIED = ("src", "tests", "data/sample", "pyproject.toml")
 
-WIRING = ["tests/methods/test_pretrain_wiring.py", "tests/methods/test_finetune_wiring.py"]
+WIRING = [
+    "tests/methods/test_pretrain_wiring.py",
+    "tests/methods/test_finetune_wiring.py",
+    "tests/methods/test_wiring_losses.py",
+    "tests/methods/test_class_balance.py",
+]
 # group -> (files mutated, test pool)
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "svd": (
@@ -43,7 +48,10 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/methods/test_stage_modules.py", *WIRING, "tests/methods/test_baseline_wiring.py"],
     ),
     "finetune": (["src/mics/methods/finetune.py"], ["tests/methods/test_stage_modules.py", *WIRING]),
-    "baseline": (["src/mics/methods/baseline.py"], ["tests/methods/test_baseline_wiring.py"]),
+    "baseline": (
+        ["src/mics/methods/baseline.py"],
+        ["tests/methods/test_baseline_wiring.py", "tests/methods/test_class_balance.py"],
+    ),
     "train": (
         ["src/mics/engine/train.py"],
         [
