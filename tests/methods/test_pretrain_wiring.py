@@ -195,3 +195,41 @@ def test_the_step_loss_is_the_weighted_sum_of_the_logged_terms(switches):
     terms = [k for k in weights if k in logs]
     assert len(terms) == 1
     torch.testing.assert_close(loss.detach(), weights[terms[0]] * logs[terms[0]])
+
+
+@pytest.mark.parametrize("shared_aug", [False, True])
+def test_pair_batches_pair_each_image_with_its_own_partner_and_index(shared_aug):
+    """Sample i is a constant image of value i (modality A) and 100 + i (B): whatever flip or crop the weak
+    view draws, a batch row must still hold value i in ``a``, 100 + i in ``b`` and i in ``index``."""
+    import numpy as np
+
+    from mics.data.views import to_float
+    from mics.methods.pretrain import pair_batches
+
+    n, size = 10, 8
+    values = np.arange(n, dtype=np.uint8)[:, None, None, None]
+    arrays_a = np.broadcast_to(values, (n, 3, size, size)).copy()
+    arrays_b = arrays_a + 100
+    indices = np.array([1, 2, 3, 5, 6, 7, 8, 9])  # 0 and 4 are not training samples
+    make = pair_batches(arrays_a, arrays_b, indices, 3, torch.device("cpu"), seed=0, shared_aug=shared_aug)
+    gen = torch.Generator().manual_seed(0)
+    batches = list(make(0, gen))
+    assert len(batches) == 2  # 8 samples, batches of 3, the last partial one dropped
+    seen = []
+    for batch in batches:
+        idx = batch["index"]
+        assert batch["a"].shape == batch["b"].shape == (3, 3, size, size)
+        assert idx.tolist() == sorted(idx.tolist())  # sorted reads of the memory-mapped cache
+        const = torch.as_tensor(idx, dtype=torch.uint8)[:, None, None, None].expand(3, 3, size, size)
+        torch.testing.assert_close(batch["a"], to_float(const))
+        torch.testing.assert_close(batch["b"], to_float(const + 100))
+        seen += idx.tolist()
+    assert len(set(seen)) == 6 and set(seen) <= set(indices.tolist())
+    # every sample once per epoch without drop_last; the order is the epoch's, the same on a rerun
+    full = pair_batches(arrays_a, arrays_b, indices, 3, torch.device("cpu"), seed=0, drop_last=False)
+    order = [i for b in full(0, gen) for i in b["index"].tolist()]
+    assert sorted(order) == indices.tolist()
+    assert order == [i for b in full(0, gen) for i in b["index"].tolist()]
+    assert any(
+        [i for b in full(e, gen) for i in b["index"].tolist()] != order for e in (1, 2, 3)
+    )  # another epoch, another permutation
