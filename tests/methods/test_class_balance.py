@@ -34,6 +34,8 @@ def test_balanced_draws_are_seeded_and_stay_inside_the_labelled_set() -> None:
     assert set(a.tolist()) <= set(subset.tolist())
     assert not torch.equal(a, labelled_order(subset, LABELS, 0, "2", 100, "sampler"))
     assert torch.equal(labelled_order(subset, LABELS, 0, "1", 100, "none"), cycled_order(subset, 0, "1", 100))
+    # indices given as int32 (e.g. read from a split file) still come back as int64 index tensors
+    assert balanced_order(subset.astype(np.int32), LABELS, 0, "1", 10).dtype == torch.long
 
 
 def test_class_weights_are_inverse_frequencies() -> None:
