@@ -70,3 +70,22 @@ def test_reweighted_losses_are_weighted_means() -> None:
     assert evidential_loss(alpha, y, 0.5, torch.ones(5)).item() == pytest.approx(
         evidential_loss(alpha, y, 0.5).item()
     )
+
+
+def test_orders_depend_on_the_seed_and_take_any_integer_labels() -> None:
+    from mics.methods.pretrain import epoch_order
+
+    subset = np.array([1, 3, 41, 42, 48, 49])
+    assert not torch.equal(epoch_order(INDICES, 0, 1), epoch_order(INDICES, 1, 1))
+    assert epoch_order(INDICES.astype(np.int32), 0, 1).dtype == torch.long
+    assert not torch.equal(
+        balanced_order(subset, LABELS, 0, "1", 50), balanced_order(subset, LABELS, 1, "1", 50)
+    )
+    for dtype in (np.int32, np.uint8):  # a uint8 tensor would index as a mask if it were not made long
+        assert torch.equal(
+            balanced_order(subset, LABELS.astype(dtype), 0, "1", 50),
+            balanced_order(subset, LABELS, 0, "1", 50),
+        )
+    assert balanced_order(np.array([7]), LABELS, 0, "1", 3).tolist() == [7, 7, 7]
+    with pytest.raises(ValueError, match="^no samples to draw from$"):
+        balanced_order(np.array([], dtype=np.int64), LABELS, 0, "1", 3)

@@ -233,3 +233,28 @@ def test_pair_batches_pair_each_image_with_its_own_partner_and_index(shared_aug)
     assert any(
         [i for b in full(e, gen) for i in b["index"].tolist()] != order for e in (1, 2, 3)
     )  # another epoch, another permutation
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_reconstruction_uses_the_configured_pixel_normalisation(norm_pix):
+    """A decoder that outputs the raw patches scores 0 without norm_pix and clearly above 0 with it (the
+    target is then each patch standardised)."""
+    model = _model(consistency=False, alignment=False, norm_pix_loss=norm_pix)
+    batch = _batch()
+    masked: list[tuple[str, torch.Tensor, tuple]] = []
+    _spy_masked(model, masked)
+    model.decoder.register_forward_hook(
+        lambda module, args, output: getattr(model, masked[-1][0]).patchify(batch[masked[-1][0][-1]])
+    )
+    _, logs = model(batch, _info())
+    assert (float(logs["l_res"]) > 0.1) is norm_pix
+
+
+def test_the_alignment_temperature_is_clamped_to_its_range_before_use():
+    model = _model(consistency=False, reconstruction=False)
+    batch = _batch()
+    for start, kept in ((1e-6, 0.001), (3.0, 0.5), (0.07, 0.07)):
+        with torch.no_grad():
+            model.temp_align.fill_(start)
+        model(batch, _info())
+        assert float(model.temp_align.detach()) == pytest.approx(kept)
