@@ -2,9 +2,11 @@
 # Val ablation of the wiring fixes of issue #10 on one data set, ratio and seed (cpu preset).
 #   scripts/ablate_mics.sh DATA PAIR LABELS SEED OUT [NAME ...]
 # With NAMEs, only those variants run (`before` is always run first: the ft-* variants reuse it).
-# The defaults are the first version's wiring; each variant switches one fix on from there.
+# Every variant starts from the first version's wiring (`before`; data.class_balance=none and
+# finetune.head_lr_mult=1 are pinned, since this ablation made sampler and 10 the defaults) and switches
+# one fix on from there.
 # Runs, one after the other (each skipped when its metrics.json exists):
-#   before        the defaults: batch-only positives, averaged reconstruction, separate fused-view head
+#   before        the first version: batch-only positives, averaged reconstruction, separate fused-view head
 #                 without a loss, uncalibrated shifts, no class balancing; its pre-training is reused below
 #   ft-*          one fine-tuning switch changed from `before`, reusing its pre-training (ft-headlr10: the
 #                 layers fine-tuning adds learn at 10x the encoders' lr)
@@ -25,7 +27,8 @@ one() {  # name, extra args...
   local resume=()
   [ -f "$OUT/$name/run.json" ] && resume=(--resume)
   echo "[$(date -u +%H:%M:%S)] start $name" >> "$OUT/log.txt"
-  "$MICS" run --data "$DATA" --pair "$PAIR" --labels "$LABELS" --seed "$SEED" --out "$OUT/$name" "${resume[@]}" "$@" \
+  "$MICS" run --data "$DATA" --pair "$PAIR" --labels "$LABELS" --seed "$SEED" --out "$OUT/$name" "${resume[@]}" \
+    --set data.class_balance=none --set finetune.head_lr_mult=1 "$@" \
     > "$OUT/$name.log" 2>&1
   echo "[$(date -u +%H:%M:%S)] done $name" >> "$OUT/log.txt"
 }
@@ -43,6 +46,7 @@ one ft-headlr10-classifier "${P[@]}" --set finetune.head_lr_mult=10 --set finetu
 one ft-sampler-clspred "${P[@]}" --set data.class_balance=sampler --set finetune.fused_evidence=classifier \
   --set finetune.predict_from=classifier
 one ft-sampler-headlr10 "${P[@]}" --set data.class_balance=sampler --set finetune.head_lr_mult=10
+one ft-reweight-headlr10 "${P[@]}" --set data.class_balance=reweight --set finetune.head_lr_mult=10
 one pre-index --set pretrain.queue_positives=index
 one pre-sum --set pretrain.reconstruction_reduce=sum
 one new --set pretrain.queue_positives=index --set pretrain.reconstruction_reduce=sum \
