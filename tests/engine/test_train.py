@@ -83,6 +83,21 @@ def _fit(tmp_path, epochs, resume=False, model=None):
     return model, res
 
 
+def _fit_in_memory(model, schedule, **kwargs):
+    """``fit`` of a toy model on ``_batches`` without checkpoints, logs or evaluation."""
+    return fit(
+        model,
+        _batches,
+        schedule,
+        stage="toy",
+        seed=0,
+        device=torch.device("cpu"),
+        ckpt_dir=None,
+        logger=MetricsLogger(None),
+        **kwargs,
+    )
+
+
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     full, _ = _fit(tmp_path / "full", epochs=4)
 
@@ -164,17 +179,7 @@ def test_fit_with_auto_precision_without_native_bf16_trains_exactly_as_fp32(monk
         torch.manual_seed(0)
         model = _Toy()
         s = Schedule(epochs=1, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1)
-        fit(
-            model,
-            _batches,
-            s,
-            stage="toy",
-            seed=0,
-            device=torch.device("cpu"),
-            ckpt_dir=None,
-            logger=MetricsLogger(None),
-            precision=precision,
-        )
+        _fit_in_memory(model, s, precision=precision)
         results.append(model.lin.weight.detach().clone())
     assert torch.equal(results[0], results[1])
 
@@ -219,16 +224,7 @@ def test_lr_scale_puts_each_parameter_in_a_group_whose_lr_follows_the_schedule_t
     s = Schedule(epochs=2, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.optim.AdamW, "step", spy)
-        fit(
-            model,
-            _batches,
-            s,
-            stage="toy",
-            seed=0,
-            device=torch.device("cpu"),
-            ckpt_dir=None,
-            logger=MetricsLogger(None),
-        )
+        _fit_in_memory(model, s)
     assert len(seen) == 6
     for step, lrs in enumerate(seen):
         assert lrs[1.0] == pytest.approx(cosine_lr(step, s)) and lrs[10.0] == pytest.approx(
