@@ -12,6 +12,7 @@ keeps what it has tested); ``--report`` only prints.
     python scripts/mutation.py                  # every group (hours on 2 cores)
     python scripts/mutation.py svd finetune     # some groups
     python scripts/mutation.py --report         # the table of what has run so far
+    python scripts/mutation.py train --recheck  # survivors again, all in one process (see recheck())
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import subprocess
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "mutation"
@@ -140,6 +142,87 @@ def prepare(group: str) -> Path:
     return folder
 
 
+RECHECK_TIMEOUT_S = 300  # a mutant whose tests run longer than this (an endless loop) counts as a timeout
+
+
+def recheck(group: str, names: list[str] | None = None) -> Counter[str]:
+    """Test the group's surviving mutants again in ONE process (``pytest.main`` per mutant, the mutant
+    chosen through mutmut's own ``MUTANT_UNDER_TEST`` switch) and write each outcome into mutmut's
+    results, as mutmut would. mutmut starts a process per mutant, which costs a ~30 s import of torch on
+    the 2-core machines; this costs it once. Any kill found this way is a real kill (the same trampolines
+    and tests); a mutant that survives here was also tested with the group's whole pool, not only the
+    tests that execute it, so nothing is counted killed that mutmut would not count."""
+    import os
+    import signal
+
+    import pytest
+
+    folder = prepare(group)
+    mutants = folder / "mutants"
+    sys.path.insert(0, str(mutants / "src"))
+    os.chdir(mutants)
+    _, tests = GROUPS[group]
+    pool = [t for t in tests if (mutants / t).exists()]
+    for name in list(sys.modules):
+        if name == "mics" or name.startswith("mics."):
+            del sys.modules[name]  # the mutated copy, not the installed package
+    equivalent = equivalent_mutants()
+    todo = names or [
+        n for n, c in results(group).items() if status(c) not in ("killed", "not run") and n not in equivalent
+    ]
+    # mutmut's map of which tests execute each function; tests written after it was made run for every
+    # mutant (they are not in the map), the others only for the functions they execute
+    stats = json.loads((mutants / "mutmut-stats.json").read_text(encoding="utf-8"))
+    by_function: dict[str, list[str]] = stats["tests_by_mangled_function_name"]
+    mapped = {t for tests_ in by_function.values() for t in tests_}
+
+    class Collect:
+        ids: list[str] = []
+
+        def pytest_collection_modifyitems(self, items: list[Any]) -> None:
+            self.ids.extend(item.nodeid for item in items)
+
+    collector = Collect()
+    pytest.main([*pool, "--collect-only", "-q", "-p", "no:cacheprovider"], plugins=[collector])
+    unmapped = [t for t in collector.ids if t not in mapped]
+    outcome: dict[str, int] = {}
+    counts: Counter[str] = Counter()
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise TimeoutError("mutant timed out")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    for i, name in enumerate(sorted(todo), 1):
+        os.environ["MUTANT_UNDER_TEST"] = name
+        signal.alarm(RECHECK_TIMEOUT_S)
+        try:
+            function = re.sub(r"__mutmut_\d+$", "", name)
+            selected = sorted(set(by_function.get(function, [])) | set(unmapped))
+            code = int(pytest.main([*selected, "-x", "-q", "-p", "no:cacheprovider"]))
+            code = {0: 0, 1: 1, 5: 33}.get(code, code)
+        except TimeoutError:
+            code = 36
+        finally:
+            signal.alarm(0)
+        outcome[name] = code
+        counts[status(code)] += 1
+        print(f"[{i}/{len(todo)}] {name}: {status(code)}", file=sys.stderr, flush=True)
+        _store(mutants, {name: code})  # after each mutant: an interrupted recheck keeps what it found
+    os.environ.pop("MUTANT_UNDER_TEST", None)
+    os.chdir(ROOT)
+    return counts
+
+
+def _store(mutants: Path, outcome: dict[str, int]) -> None:
+    """Write exit codes into mutmut's results (``*.py.meta``), where ``results()`` reads them."""
+    for meta in mutants.rglob("*.py.meta"):
+        data = json.loads(meta.read_text(encoding="utf-8"))
+        hits = {k: v for k, v in outcome.items() if k in data["exit_code_by_key"]}
+        if hits:
+            data["exit_code_by_key"].update(hits)
+            meta.write_text(json.dumps(data, indent=4), encoding="utf-8")
+
+
 def report(groups: list[str]) -> int:
     """Print the table; returns the number of non-equivalent survivors."""
     equivalent = equivalent_mutants()
@@ -191,6 +274,11 @@ def main() -> int:
     parser.add_argument(
         "--survivors", action="store_true", help="test the surviving mutants again (after new tests)"
     )
+    parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="like --survivors, but in one process (no per-mutant import of torch); one group at a time",
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.groups) - set(GROUPS))
     if unknown:
@@ -199,7 +287,11 @@ def main() -> int:
     if not args.report and importlib.util.find_spec("mutmut") is None:
         print("mutmut is not installed: pip install -e '.[mutation]' (or run make mutation)", file=sys.stderr)
         return 2
-    if not args.report:
+    if args.recheck:
+        if len(groups) != 1:
+            parser.error("--recheck takes exactly one group")
+        print(dict(recheck(groups[0])), file=sys.stderr)
+    elif not args.report:
         for group in groups:
             folder = prepare(group)
             cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]

@@ -143,12 +143,16 @@ def test_pretrain_key_is_shared_across_ratios_and_finetuning_only():
             "mics",
             {"name": "no-svd", "method": "mics", "set": ["finetune.use_svd=false"]},
             {"name": "w1", "method": "mics", "set": ["pretrain.w_reconstruction=1"]},
+            {"name": "plain", "method": "mics", "set": ["data.class_balance=none"]},
+            {"name": "small", "method": "mics", "set": ["data.image_size=16"]},
             "fixmatch",
         ]
     )
     cells = expand_cells(g)
     key = {c.id: c.pretrain_key for c in cells}
     assert key["a__mics__l50__s0"] == key["a__mics__l10__s0"] == key["a__no-svd__l10__s0"]
+    # how labelled batches are drawn does not reach label-free pre-training; the image size does
+    assert key["a__mics__l10__s0"] == key["a__plain__l10__s0"] != key["a__small__l10__s0"]
     assert key["a__mics__l50__s0"] != key["a__mics__l50__s1"]  # seed: split and initialisation
     assert key["a__mics__l50__s0"] != key["b__mics__l30__s0"]  # data set
     assert key["a__mics__l50__s0"] != key["a__w1__l50__s0"]  # pre-training option
@@ -222,8 +226,14 @@ def test_grid_scales_data_sets_seeds_and_ratios():
         "../shared/data/hyperkvasir-5class-128": "virtual-nbi",
     }
     assert {d.name: d.labels for d in cpu.datasets} == {"milk10k": (0.5, 0.3, 0.1, 0.05), "hyperkvasir": None}
-    # 16 method rows at 4 + 2 ratios and fully supervised on both packs, 3 seeds
-    assert len(expand_cells(cpu)) == 3 * (16 * (4 + 2) + 2)
+    # 16 method rows at 4 + 2 ratios, fully supervised and MICS's first wiring (10 %) on both packs, 3 seeds
+    cells = expand_cells(cpu)
+    assert len(cells) == 3 * (16 * (4 + 2) + 2 + 2)
+    first = [c for c in cells if c.id.startswith("milk10k__mics-first-wiring__")]
+    mics = {c.id: c for c in cells}
+    assert len(first) == 3 and all(c.labels == 0.1 for c in first)
+    # fine-tunes from the MICS cell's pre-training
+    assert all(c.pretrain_key == mics[c.id.replace("mics-first-wiring", "mics")].pretrain_key for c in first)
     assert paper.labels == (0.5, 0.3, 0.1, 0.05)
     assert {d.name: (d.path, d.paper) for d in paper.datasets} == {
         "kvasir": ("${MICS_KVASIR}", "Kvasir"),

@@ -369,3 +369,104 @@ def test_seed_all_seeds_python_numpy_and_torch():
     assert draws[0] == draws[1]
     train.seed_all(6)
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) != draws[0]
+
+
+class _Counting(torch.nn.Module):
+    """Loss = step + 1 (with a zero-weight parameter so that it has a gradient), and a logged value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, batch, info):
+        value = float(info.step + 1)
+        return self.w * 0.0 + value, {"twice": torch.tensor(2 * value)}
+
+
+@pytest.mark.parametrize("steps_per_epoch", [1, 3])
+def test_each_epochs_record_holds_the_mean_of_its_steps_losses_and_logs(steps_per_epoch):
+    s = Schedule(
+        epochs=2, steps_per_epoch=steps_per_epoch, lr=0.1, min_lr=0.0, weight_decay=0.0, warmup_steps=0
+    )
+
+    def batches(epoch, generator):
+        return iter([{}] * steps_per_epoch)
+
+    result = fit(
+        _Counting(),
+        batches,
+        s,
+        stage="toy",
+        seed=0,
+        device=torch.device("cpu"),
+        ckpt_dir=None,
+        logger=MetricsLogger(None),
+    )
+    for epoch, record in enumerate(result.history):
+        steps = [epoch * steps_per_epoch + i + 1 for i in range(steps_per_epoch)]
+        assert record["epoch"] == epoch + 1
+        assert record["loss"] == pytest.approx(sum(steps) / steps_per_epoch)
+        assert record["twice"] == pytest.approx(2 * sum(steps) / steps_per_epoch)
+
+
+def test_without_lr_scale_every_group_has_factor_one_and_the_given_lr():
+    opt = train.build_optimizer(_Toy(), 0.123, 0.05, torch.device("cpu"))
+    assert [g["lr_scale"] for g in opt.param_groups] == [1.0, 1.0]
+    assert all(g["lr"] == 0.123 for g in opt.param_groups)
+
+
+def test_seed_all_seeds_numpy_with_the_seed_itself_below_two_to_the_32():
+    import numpy as np
+
+    train.seed_all(100)
+    drawn = np.random.rand()
+    np.random.seed(100)
+    assert drawn == np.random.rand()
+
+
+@pytest.mark.parametrize("ema", [None, 0.5])
+def test_fit_evaluates_the_ema_copy_when_set_and_restores_the_selected_weights(ema, tmp_path):
+    model = _Toy()
+    seen = []
+
+    def evaluate(m):
+        seen.append((m, {k: v.clone() for k, v in m.state_dict().items()}))
+        return {"score": [0.0, 2.0, 1.0][len(seen) - 1]}  # the second epoch is the best
+
+    s = Schedule(epochs=3, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=0, ema=ema)
+    result = fit(
+        model,
+        _batches,
+        s,
+        stage="toy",
+        seed=0,
+        device=torch.device("cpu"),
+        ckpt_dir=tmp_path,
+        logger=MetricsLogger(None),
+        evaluate=evaluate,
+    )
+    assert result.best_epoch == 2 and result.best_score == 2.0
+    evaluated = {id(m) for m, _ in seen}
+    assert evaluated == ({id(model)} if ema is None else {id(seen[0][0])}) and len(evaluated) == 1
+    if ema is not None:
+        assert seen[0][0] is not model
+    selected = seen[1][1]
+    assert all(torch.equal(v, selected[k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, seen[2][1][k]) for k, v in selected.items())
+
+
+def test_fit_starts_from_scratch_unless_asked_to_resume(tmp_path):
+    _, first = _fit(tmp_path, epochs=2)
+    assert [r["epoch"] for r in first.history] == [1, 2]
+    _, again = _fit(tmp_path, epochs=3)  # a checkpoint is there, but resume was not asked for
+    assert [r["epoch"] for r in again.history] == [1, 2, 3]
+
+
+def test_fit_compiles_nothing_unless_asked(monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "compile_blocks", lambda module: calls.append(module) or 0)
+    s = Schedule(epochs=1, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    _fit_in_memory(_Toy(), s)
+    assert calls == []
+    _fit_in_memory(_Toy(), s, compile=True)
+    assert len(calls) == 1

@@ -101,20 +101,28 @@ def resolve_data_path(path: str, grid_file: Path | None = None) -> str:
     return expanded
 
 
+# data options that only shape the labelled batches: label-free pre-training never reads them
+LABELLED_ONLY = ("class_balance",)
+
+
 def pretrain_key(cell: Cell, cfg: RunConfig) -> str:
-    """Everything pre-training depends on: data, pairing, seed (split and initialisation), and the data,
-    model and pre-training sections of the config. Label ratio and fine-tuning options are not in it."""
+    """Everything pre-training depends on: data, pairing, seed (split and initialisation), and the data
+    (less :data:`LABELLED_ONLY`), model and pre-training sections of the config. Label ratio and
+    fine-tuning options are not in it."""
     return _pretrain_key(cell.data, cell.pair, cell.seed, cell.skip_bad, cfg)
 
 
 def _pretrain_key(data: str, pair: str, seed: int, skip_bad: bool, cfg: RunConfig) -> str:
+    sections = {k: to_dict(getattr(cfg, k)) for k in ("data", "model", "pretrain")}
+    for name in LABELLED_ONLY:
+        sections["data"].pop(name, None)
     payload = {
         "path": data,
         "pair": pair,
         "seed": seed,
         "skip_bad": skip_bad,
         "precision": cfg.precision,
-        **{k: to_dict(getattr(cfg, k)) for k in ("data", "model", "pretrain")},
+        **sections,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
