@@ -159,6 +159,10 @@ def recheck(group: str, names: list[str] | None = None) -> Counter[str]:
 
     folder = prepare(group)
     mutants = folder / "mutants"
+    # mutmut's own copy of the tests is from its last run: bring in the tests written since
+    shutil.copytree(
+        ROOT / "tests", mutants / "tests", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+    )
     sys.path.insert(0, str(mutants / "src"))
     os.chdir(mutants)
     _, tests = GROUPS[group]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -353,7 +354,9 @@ def test_a_non_finite_loss_is_reported_at_its_epoch_and_step(bad, where):
     if where is None:
         train._raise_if_non_finite(torch.tensor(bad), "toy", s)
         return
-    with pytest.raises(NonFiniteLossError, match=rf"^\[toy\] the loss became NaN or infinite at {where};"):
+    advice = "the last good checkpoint is kept. Lower the learning rate or check the input images."
+    expected = rf"^\[toy\] the loss became NaN or infinite at {where}; {re.escape(advice)}$"
+    with pytest.raises(NonFiniteLossError, match=expected):
         train._raise_if_non_finite(torch.tensor(bad), "toy", s)
 
 
