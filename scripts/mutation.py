@@ -159,6 +159,14 @@ def recheck(group: str, names: list[str] | None = None) -> Counter[str]:
 
     folder = prepare(group)
     mutants = folder / "mutants"
+    if not (mutants / "mutmut-stats.json").exists():
+        raise SystemExit(f"{group}: mutmut has not run here yet: python scripts/mutation.py {group}")
+    stale = stale_functions(group)
+    if stale:
+        raise SystemExit(
+            f"{group}: the mutants are of older code ({', '.join(stale[:5])} changed since); "
+            f"run python scripts/mutation.py {group} to mutate the current code"
+        )
     # mutmut's own copy of the tests is from its last run: bring in the tests written since
     shutil.copytree(
         ROOT / "tests", mutants / "tests", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
@@ -215,6 +223,44 @@ def recheck(group: str, names: list[str] | None = None) -> Counter[str]:
     os.environ.pop("MUTANT_UNDER_TEST", None)
     os.chdir(ROOT)
     return counts
+
+
+def stale_functions(group: str) -> list[str]:
+    """Functions whose original (``x_NAME__mutmut_orig`` in mutmut's copy) differs from the current
+    source: their mutants, and the results of earlier runs, are of older code."""
+    import ast
+    import glob
+
+    def bodies(tree: ast.AST, mangled: bool) -> dict[str, str]:
+        out: dict[str, str] = {}
+        scopes: list[tuple[str, ast.AST]] = [("", tree)]
+        scopes += [(n.name, n) for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+        for owner, scope in scopes:
+            for node in getattr(scope, "body", []):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                name = node.name
+                if mangled:
+                    if not name.endswith("__mutmut_orig"):
+                        continue
+                    name = name.removesuffix("__mutmut_orig").split("ǁ")[-1].removeprefix("x_")
+                key = f"{owner}.{name}" if owner else name
+                out[key] = ast.dump(ast.Module(body=node.body, type_ignores=[]))
+        return out
+
+    changed: list[str] = []
+    files, _ = GROUPS[group]
+    for pattern in files:
+        for path in sorted(glob.glob(str(ROOT / pattern))):
+            rel = Path(path).relative_to(ROOT)
+            copy = WORK / group / "mutants" / rel
+            if not copy.exists():
+                changed.append(str(rel))
+                continue
+            now = bodies(ast.parse(Path(path).read_text(encoding="utf-8")), mangled=False)
+            then = bodies(ast.parse(copy.read_text(encoding="utf-8")), mangled=True)
+            changed += [f"{rel}:{k}" for k, v in then.items() if now.get(k) != v]
+    return changed
 
 
 def _store(mutants: Path, outcome: dict[str, int]) -> None:

@@ -239,6 +239,7 @@ def test_resolve_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     if mps is not None:
         monkeypatch.setattr(mps, "is_available", lambda: False)
     assert train.resolve_device("auto") == torch.device("cpu")
+    assert train.resolve_device() == torch.device("cpu")  # auto is the default
     assert train.resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="CUDA is not available; use --device cpu"):
         train.resolve_device("cuda:1")
@@ -459,10 +460,20 @@ def test_fit_evaluates_the_ema_copy_when_set_and_restores_the_selected_weights(e
 
 
 def test_fit_starts_from_scratch_unless_asked_to_resume(tmp_path):
-    _, first = _fit(tmp_path, epochs=2)
-    assert [r["epoch"] for r in first.history] == [1, 2]
-    _, again = _fit(tmp_path, epochs=3)  # a checkpoint is there, but resume was not asked for
-    assert [r["epoch"] for r in again.history] == [1, 2, 3]
+    class Counted(_Toy):
+        steps = 0
+
+        def forward(self, batch, info):
+            Counted.steps += 1
+            return super().forward(batch, info)
+
+    _fit(tmp_path, epochs=2, model=Counted())
+    Counted.steps = 0
+    _fit(tmp_path, epochs=3, model=Counted())  # a checkpoint is there, but resume was not asked for
+    assert Counted.steps == 9
+    Counted.steps = 0
+    _fit(tmp_path, epochs=4, model=Counted(), resume=True)
+    assert Counted.steps == 3
 
 
 def test_fit_compiles_nothing_unless_asked(monkeypatch):
@@ -473,3 +484,29 @@ def test_fit_compiles_nothing_unless_asked(monkeypatch):
     assert calls == []
     _fit_in_memory(_Toy(), s, compile=True)
     assert len(calls) == 1
+
+
+def test_fit_says_when_auto_precision_resolves_and_is_quiet_otherwise(monkeypatch, capsys):
+    monkeypatch.setattr(train, "cpu_native_bf16", lambda: False)
+    s = Schedule(epochs=1, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    _fit_in_memory(_Toy(), s, precision="auto")
+    assert "[toy] precision auto: fp32 on cpu" in capsys.readouterr().err
+    _fit_in_memory(_Toy(), s, precision="fp32")
+    assert "precision" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("device", "fused"), [("cpu", True), ("cuda", True), ("mps", None)])
+def test_the_fused_adamw_kernel_is_asked_for_on_cpu_and_cuda_only(device, fused):
+    # the optimizer is only built here, never stepped, so the toy's CPU tensors can stand for any device
+    opt = train.build_optimizer(_Toy(), 0.1, 0.0, torch.device(device))
+    assert opt.defaults["fused"] is fused
+
+
+def test_cpu_native_bf16_without_torchs_probes_reads_undecodable_cpuinfo(monkeypatch, tmp_path):
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.delattr(torch.cpu, probe, raising=False)  # an older torch has neither
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_bytes(b"model name\t: Vendor \xff\xfe CPU\nflags\t\t: fpu avx512f amx_bf16\n")
+    real_path = train.Path
+    monkeypatch.setattr(train, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    assert train.cpu_native_bf16() is True
