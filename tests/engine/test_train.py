@@ -241,7 +241,9 @@ def test_resolve_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     assert train.resolve_device("auto") == torch.device("cpu")
     assert train.resolve_device() == torch.device("cpu")  # auto is the default
     assert train.resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(RuntimeError, match="CUDA is not available; use --device cpu"):
+    with pytest.raises(
+        RuntimeError, match="^device 'cuda' was asked for but CUDA is not available; use --device cpu$"
+    ):
         train.resolve_device("cuda:1")
     if mps is not None:
         monkeypatch.setattr(mps, "is_available", lambda: True)
@@ -510,3 +512,21 @@ def test_cpu_native_bf16_without_torchs_probes_reads_undecodable_cpuinfo(monkeyp
     real_path = train.Path
     monkeypatch.setattr(train, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
     assert train.cpu_native_bf16() is True
+
+
+@pytest.mark.parametrize(("device", "ids"), [(torch.device("cpu"), None), (torch.device("cuda", 3), [3])])
+def test_wrap_ddp_passes_ddp_exactly_the_options_it_means(monkeypatch, device, ids):
+    import inspect
+
+    real = torch.nn.parallel.DistributedDataParallel
+    seen = {}
+
+    def record(self, module, **kwargs):
+        seen.update(kwargs)
+
+    record.__signature__ = inspect.signature(real.__init__)  # the installed torch's flag names
+    monkeypatch.setattr(train.nn.parallel, "DistributedDataParallel", type("DDP", (), {"__init__": record}))
+    train.wrap_ddp(torch.nn.Linear(2, 2), device)
+    newer = "forward_sync_buffers" in inspect.signature(real.__init__).parameters
+    flag = "forward_sync_buffers" if newer else "broadcast_buffers"
+    assert seen == {"device_ids": ids, "find_unused_parameters": False, flag: False}
