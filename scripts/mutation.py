@@ -145,7 +145,7 @@ def prepare(group: str) -> Path:
 RECHECK_TIMEOUT_S = 300  # a mutant whose tests run longer than this (an endless loop) counts as a timeout
 
 
-def recheck(group: str, names: list[str] | None = None) -> Counter[str]:
+def recheck(group: str, unrun: bool = False) -> Counter[str]:
     """Test the group's surviving mutants again in ONE process (``pytest.main`` per mutant, the mutant
     chosen through mutmut's own ``MUTANT_UNDER_TEST`` switch) and write each outcome into mutmut's
     results, as mutmut would. mutmut starts a process per mutant, which costs a ~30 s import of torch on
@@ -179,9 +179,8 @@ def recheck(group: str, names: list[str] | None = None) -> Counter[str]:
         if name == "mics" or name.startswith("mics."):
             del sys.modules[name]  # the mutated copy, not the installed package
     equivalent = equivalent_mutants()
-    todo = names or [
-        n for n, c in results(group).items() if status(c) not in ("killed", "not run") and n not in equivalent
-    ]
+    skip = ("killed",) if unrun else ("killed", "not run")
+    todo = [n for n, c in results(group).items() if status(c) not in skip and n not in equivalent]
     # mutmut's map of which tests execute each function; tests written after it was made run for every
     # mutant (they are not in the map), the others only for the functions they execute
     stats = json.loads((mutants / "mutmut-stats.json").read_text(encoding="utf-8"))
@@ -329,6 +328,9 @@ def main() -> int:
         action="store_true",
         help="like --survivors, but in one process (no per-mutant import of torch); one group at a time",
     )
+    parser.add_argument(
+        "--unrun", action="store_true", help="with --recheck: also the mutants mutmut has not tested yet"
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.groups) - set(GROUPS))
     if unknown:
@@ -340,7 +342,7 @@ def main() -> int:
     if args.recheck:
         if len(groups) != 1:
             parser.error("--recheck takes exactly one group")
-        print(dict(recheck(groups[0])), file=sys.stderr)
+        print(dict(recheck(groups[0], unrun=args.unrun)), file=sys.stderr)
     elif not args.report:
         for group in groups:
             folder = prepare(group)
