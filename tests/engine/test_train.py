@@ -471,7 +471,18 @@ def test_fit_starts_from_scratch_unless_asked_to_resume(tmp_path):
 
     _fit(tmp_path, epochs=2, model=Counted())
     Counted.steps = 0
-    _fit(tmp_path, epochs=3, model=Counted())  # a checkpoint is there, but resume was not asked for
+    s = Schedule(epochs=3, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1, ema=0.9)
+    # a checkpoint is there, but resume (a keyword left at its default here) was not asked for
+    fit(
+        Counted(),
+        _batches,
+        s,
+        stage="toy",
+        seed=0,
+        device=torch.device("cpu"),
+        ckpt_dir=tmp_path,
+        logger=MetricsLogger(None),
+    )
     assert Counted.steps == 9
     Counted.steps = 0
     _fit(tmp_path, epochs=4, model=Counted(), resume=True)
@@ -514,19 +525,23 @@ def test_cpu_native_bf16_without_torchs_probes_reads_undecodable_cpuinfo(monkeyp
     assert train.cpu_native_bf16() is True
 
 
+@pytest.mark.parametrize("newer_torch", [True, False])
 @pytest.mark.parametrize(("device", "ids"), [(torch.device("cpu"), None), (torch.device("cuda", 3), [3])])
-def test_wrap_ddp_passes_ddp_exactly_the_options_it_means(monkeypatch, device, ids):
+def test_wrap_ddp_passes_ddp_exactly_the_options_it_means(monkeypatch, device, ids, newer_torch):
     import inspect
 
-    real = torch.nn.parallel.DistributedDataParallel
     seen = {}
 
     def record(self, module, **kwargs):
         seen.update(kwargs)
 
-    record.__signature__ = inspect.signature(real.__init__)  # the installed torch's flag names
+    # DDP's signature: torch >= 2.6 split broadcast_buffers, and forward_sync_buffers is the per-step part
+    names = ["self", "module", "device_ids", "find_unused_parameters", "broadcast_buffers"]
+    names += ["forward_sync_buffers"] if newer_torch else []
+    record.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
     monkeypatch.setattr(train.nn.parallel, "DistributedDataParallel", type("DDP", (), {"__init__": record}))
     train.wrap_ddp(torch.nn.Linear(2, 2), device)
-    newer = "forward_sync_buffers" in inspect.signature(real.__init__).parameters
-    flag = "forward_sync_buffers" if newer else "broadcast_buffers"
+    flag = "forward_sync_buffers" if newer_torch else "broadcast_buffers"
     assert seen == {"device_ids": ids, "find_unused_parameters": False, flag: False}
