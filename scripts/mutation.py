@@ -142,7 +142,7 @@ def prepare(group: str) -> Path:
     return folder
 
 
-RECHECK_TIMEOUT_S = 300  # a mutant whose tests run longer than this (an endless loop) counts as a timeout
+RECHECK_TIMEOUT_S = 180  # a mutant whose tests run longer than this (an endless loop) counts as a timeout
 
 
 def recheck(group: str, unrun: bool = False) -> Counter[str]:
@@ -199,13 +199,17 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
     outcome: dict[str, int] = {}
     counts: Counter[str] = Counter()
 
+    timed_out = [False]
+
     def on_alarm(signum: int, frame: object) -> None:
+        timed_out[0] = True  # pytest reports the error below as a failed test: not a kill, a timeout
         raise TimeoutError("mutant timed out")
 
     signal.signal(signal.SIGALRM, on_alarm)
     for i, name in enumerate(sorted(todo), 1):
         os.environ["MUTANT_UNDER_TEST"] = name
         signal.alarm(RECHECK_TIMEOUT_S)
+        timed_out[0] = False
         try:
             function = re.sub(r"__mutmut_\d+$", "", name)
             selected = sorted(set(by_function.get(function, [])) | set(unmapped))
@@ -215,6 +219,8 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
             code = 36
         finally:
             signal.alarm(0)
+        if timed_out[0]:
+            code = 36
         outcome[name] = code
         counts[status(code)] += 1
         print(f"[{i}/{len(todo)}] {name}: {status(code)}", file=sys.stderr, flush=True)
