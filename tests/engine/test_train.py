@@ -84,8 +84,9 @@ def _fit(tmp_path, epochs, resume=False, model=None):
     return model, res
 
 
-def _fit_in_memory(model, schedule, **kwargs):
-    """``fit`` of a toy model on ``_batches`` without checkpoints, logs or evaluation."""
+def _fit_in_memory(model, schedule, ckpt_dir=None, **kwargs):
+    """``fit`` of a toy model on ``_batches`` without logs, and without checkpoints or evaluation unless
+    given; keywords not given stay at ``fit``'s defaults."""
     return fit(
         model,
         _batches,
@@ -93,7 +94,7 @@ def _fit_in_memory(model, schedule, **kwargs):
         stage="toy",
         seed=0,
         device=torch.device("cpu"),
-        ckpt_dir=None,
+        ckpt_dir=ckpt_dir,
         logger=MetricsLogger(None),
         **kwargs,
     )
@@ -440,17 +441,7 @@ def test_fit_evaluates_the_ema_copy_when_set_and_restores_the_selected_weights(e
         return {"score": [0.0, 2.0, 1.0][len(seen) - 1]}  # the second epoch is the best
 
     s = Schedule(epochs=3, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=0, ema=ema)
-    result = fit(
-        model,
-        _batches,
-        s,
-        stage="toy",
-        seed=0,
-        device=torch.device("cpu"),
-        ckpt_dir=tmp_path,
-        logger=MetricsLogger(None),
-        evaluate=evaluate,
-    )
+    result = _fit_in_memory(model, s, ckpt_dir=tmp_path, evaluate=evaluate)
     assert result.best_epoch == 2 and result.best_score == 2.0
     evaluated = {id(m) for m, _ in seen}
     assert evaluated == ({id(model)} if ema is None else {id(seen[0][0])}) and len(evaluated) == 1
@@ -473,16 +464,7 @@ def test_fit_starts_from_scratch_unless_asked_to_resume(tmp_path):
     Counted.steps = 0
     s = Schedule(epochs=3, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1, ema=0.9)
     # a checkpoint is there, but resume (a keyword left at its default here) was not asked for
-    fit(
-        Counted(),
-        _batches,
-        s,
-        stage="toy",
-        seed=0,
-        device=torch.device("cpu"),
-        ckpt_dir=tmp_path,
-        logger=MetricsLogger(None),
-    )
+    _fit_in_memory(Counted(), s, ckpt_dir=tmp_path)
     assert Counted.steps == 9
     Counted.steps = 0
     _fit(tmp_path, epochs=4, model=Counted(), resume=True)
