@@ -196,7 +196,6 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
     collector = Collect()
     pytest.main([*pool, "--collect-only", "-q", "-p", "no:cacheprovider"], plugins=[collector])
     unmapped = [t for t in collector.ids if t not in mapped]
-    outcome: dict[str, int] = {}
     counts: Counter[str] = Counter()
 
     timed_out = [False]
@@ -216,12 +215,11 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
             code = int(pytest.main([*selected, "-x", "-q", "-p", "no:cacheprovider"]))
             code = {0: 0, 1: 1, 5: 33}.get(code, code)
         except TimeoutError:
-            code = 36
+            pass  # raised outside a test; on_alarm has set the flag either way
         finally:
             signal.alarm(0)
         if timed_out[0]:
             code = 36
-        outcome[name] = code
         counts[status(code)] += 1
         print(f"[{i}/{len(todo)}] {name}: {status(code)}", file=sys.stderr, flush=True)
         _store(mutants, {name: code})  # after each mutant: an interrupted recheck keeps what it found

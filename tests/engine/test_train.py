@@ -84,12 +84,12 @@ def _fit(tmp_path, epochs, resume=False, model=None):
     return model, res
 
 
-def _fit_in_memory(model, schedule, ckpt_dir=None, **kwargs):
-    """``fit`` of a toy model on ``_batches`` without logs, and without checkpoints or evaluation unless
+def _fit_toy(model, schedule, ckpt_dir=None, batches=_batches, **kwargs):
+    """``fit`` of a toy model on ``batches`` without logs, and without checkpoints or evaluation unless
     given; keywords not given stay at ``fit``'s defaults."""
     return fit(
         model,
-        _batches,
+        batches,
         schedule,
         stage="toy",
         seed=0,
@@ -181,7 +181,7 @@ def test_fit_with_auto_precision_without_native_bf16_trains_exactly_as_fp32(monk
         torch.manual_seed(0)
         model = _Toy()
         s = Schedule(epochs=1, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1)
-        _fit_in_memory(model, s, precision=precision)
+        _fit_toy(model, s, precision=precision)
         results.append(model.lin.weight.detach().clone())
     assert torch.equal(results[0], results[1])
 
@@ -226,7 +226,7 @@ def test_lr_scale_puts_each_parameter_in_a_group_whose_lr_follows_the_schedule_t
     s = Schedule(epochs=2, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.optim.AdamW, "step", spy)
-        _fit_in_memory(model, s)
+        _fit_toy(model, s)
     assert len(seen) == 6
     for step, lrs in enumerate(seen):
         assert lrs[1.0] == pytest.approx(cosine_lr(step, s)) and lrs[10.0] == pytest.approx(
@@ -399,16 +399,7 @@ def test_each_epochs_record_holds_the_mean_of_its_steps_losses_and_logs(steps_pe
     def batches(epoch, generator):
         return iter([{}] * steps_per_epoch)
 
-    result = fit(
-        _Counting(),
-        batches,
-        s,
-        stage="toy",
-        seed=0,
-        device=torch.device("cpu"),
-        ckpt_dir=None,
-        logger=MetricsLogger(None),
-    )
+    result = _fit_toy(_Counting(), s, batches=batches)
     for epoch, record in enumerate(result.history):
         steps = [epoch * steps_per_epoch + i + 1 for i in range(steps_per_epoch)]
         assert record["epoch"] == epoch + 1
@@ -441,7 +432,7 @@ def test_fit_evaluates_the_ema_copy_when_set_and_restores_the_selected_weights(e
         return {"score": [0.0, 2.0, 1.0][len(seen) - 1]}  # the second epoch is the best
 
     s = Schedule(epochs=3, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=0, ema=ema)
-    result = _fit_in_memory(model, s, ckpt_dir=tmp_path, evaluate=evaluate)
+    result = _fit_toy(model, s, ckpt_dir=tmp_path, evaluate=evaluate)
     assert result.best_epoch == 2 and result.best_score == 2.0
     evaluated = {id(m) for m, _ in seen}
     assert evaluated == ({id(model)} if ema is None else {id(seen[0][0])}) and len(evaluated) == 1
@@ -464,7 +455,7 @@ def test_fit_starts_from_scratch_unless_asked_to_resume(tmp_path):
     Counted.steps = 0
     s = Schedule(epochs=3, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=1, ema=0.9)
     # a checkpoint is there, but resume (a keyword left at its default here) was not asked for
-    _fit_in_memory(Counted(), s, ckpt_dir=tmp_path)
+    _fit_toy(Counted(), s, ckpt_dir=tmp_path)
     assert Counted.steps == 9
     Counted.steps = 0
     _fit(tmp_path, epochs=4, model=Counted(), resume=True)
@@ -475,18 +466,18 @@ def test_fit_compiles_nothing_unless_asked(monkeypatch):
     calls = []
     monkeypatch.setattr(train, "compile_blocks", lambda module: calls.append(module) or 0)
     s = Schedule(epochs=1, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
-    _fit_in_memory(_Toy(), s)
+    _fit_toy(_Toy(), s)
     assert calls == []
-    _fit_in_memory(_Toy(), s, compile=True)
+    _fit_toy(_Toy(), s, compile=True)
     assert len(calls) == 1
 
 
 def test_fit_says_when_auto_precision_resolves_and_is_quiet_otherwise(monkeypatch, capsys):
     monkeypatch.setattr(train, "cpu_native_bf16", lambda: False)
     s = Schedule(epochs=1, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
-    _fit_in_memory(_Toy(), s, precision="auto")
+    _fit_toy(_Toy(), s, precision="auto")
     assert "[toy] precision auto: fp32 on cpu" in capsys.readouterr().err
-    _fit_in_memory(_Toy(), s, precision="fp32")
+    _fit_toy(_Toy(), s, precision="fp32")
     assert "precision" not in capsys.readouterr().err
 
 
