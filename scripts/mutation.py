@@ -160,7 +160,7 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
     folder = prepare(group)
     mutants = folder / "mutants"
     if not (mutants / "mutmut-stats.json").exists():
-        raise SystemExit(f"{group}: mutmut has not run here yet: python scripts/mutation.py {group}")
+        generate(folder)
     stale = stale_functions(group)
     if stale:
         raise SystemExit(
@@ -180,11 +180,14 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
             del sys.modules[name]  # the mutated copy, not the installed package
     equivalent = equivalent_mutants()
     skip = ("killed",) if unrun else ("killed", "not run")
-    todo = [n for n, c in results(group).items() if status(c) not in skip and n not in equivalent]
-    # mutmut's map of which tests execute each function; tests written after it was made run for every
-    # mutant (they are not in the map), the others only for the functions they execute
+    before = results(group)
+    todo = [n for n, c in before.items() if status(c) not in skip and n not in equivalent]
+    todo.sort(key=lambda n: (before[n] is not None, n))  # the untested first: most of them die quickly
+    # mutmut's map of which tests execute each function, completed by map_tests() for the tests written
+    # after it was made; each mutant runs only the tests that execute its function
     stats = json.loads((mutants / "mutmut-stats.json").read_text(encoding="utf-8"))
     by_function: dict[str, list[str]] = stats["tests_by_mangled_function_name"]
+    duration: dict[str, float] = stats.get("duration_by_test", {})
     mapped = {t for tests_ in by_function.values() for t in tests_}
 
     class Collect:
@@ -196,6 +199,9 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
     collector = Collect()
     pytest.main([*pool, "--collect-only", "-q", "-p", "no:cacheprovider"], plugins=[collector])
     unmapped = [t for t in collector.ids if t not in mapped]
+    if unmapped:
+        for function, tests_ in map_tests(unmapped, duration).items():
+            by_function.setdefault(function, []).extend(tests_)
     counts: Counter[str] = Counter()
 
     timed_out = [False]
@@ -205,15 +211,19 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
         raise TimeoutError("mutant timed out")
 
     signal.signal(signal.SIGALRM, on_alarm)
-    for i, name in enumerate(sorted(todo), 1):
+    for i, name in enumerate(todo, 1):
         os.environ["MUTANT_UNDER_TEST"] = name
         signal.alarm(RECHECK_TIMEOUT_S)
         timed_out[0] = False
         try:
             function = re.sub(r"__mutmut_\d+$", "", name)
-            selected = sorted(set(by_function.get(function, [])) | set(unmapped))
-            code = int(pytest.main([*selected, "-x", "-q", "-p", "no:cacheprovider"]))
-            code = {0: 0, 1: 1, 5: 33}.get(code, code)
+            # fastest first: with -x a killed mutant stops at its first failing test
+            selected = sorted(set(by_function.get(function, [])), key=lambda t: (duration.get(t, 1e9), t))
+            if selected:  # (pytest.main with no test named would run every test under the folder)
+                code = int(pytest.main([*selected, "-x", "-q", "-p", "no:cacheprovider"]))
+                code = {0: 0, 1: 1, 5: 33}.get(code, code)
+            else:
+                code = 33
         except TimeoutError:
             pass  # raised outside a test; on_alarm has set the flag either way
         finally:
@@ -226,6 +236,58 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
     os.environ.pop("MUTANT_UNDER_TEST", None)
     os.chdir(ROOT)
     return counts
+
+
+def generate(folder: Path) -> None:
+    """Let mutmut create the group's mutants and its map of which tests execute which function, then stop
+    it before it tests any mutant itself (the recheck does that, in one process)."""
+    import os
+    import signal
+    import time
+
+    stats = folder / "mutants" / "mutmut-stats.json"
+    print(f"$ (cd {folder.relative_to(ROOT)} && mutmut run)  # until its map is written", file=sys.stderr)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mutmut", "run", "--max-children", "1"], cwd=folder, start_new_session=True
+    )
+    while proc.poll() is None and not stats.exists():
+        time.sleep(1)
+    if proc.poll() is None:
+        time.sleep(2)  # mutmut writes the file in one call; let it close it
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+    if not stats.exists():
+        raise SystemExit(f"mutmut stopped (exit {proc.returncode}) before it wrote {stats}")
+
+
+def map_tests(tests: list[str], duration: dict[str, float]) -> dict[str, list[str]]:
+    """Which mutated functions each test executes, recorded as mutmut records its own map (its
+    ``stats`` switch makes every trampoline note its function): for the tests written after mutmut's
+    last run, so that each mutant runs only the tests that reach its function instead of all of them.
+    Runs in the mutants folder, in the recheck's process; adds each test's duration to ``duration``."""
+    import os
+
+    import pytest
+    from mutmut.state import state
+
+    found: dict[str, list[str]] = defaultdict(list)
+
+    class Record:
+        def pytest_runtest_teardown(self, item: Any, nextitem: Any) -> None:
+            for function in state()._stats:
+                found[function].append(item.nodeid)
+            state()._stats.clear()
+
+        def pytest_runtest_makereport(self, item: Any, call: Any) -> None:
+            if call.when == "call":
+                duration[item.nodeid] = call.duration
+
+    os.environ["MUTANT_UNDER_TEST"] = "stats"
+    state()._stats.clear()
+    print(f"mapping {len(tests)} test(s) newer than mutmut's map to their functions", file=sys.stderr)
+    pytest.main([*tests, "-q", "-p", "no:cacheprovider"], plugins=[Record()])
+    os.environ.pop("MUTANT_UNDER_TEST", None)
+    return dict(found)
 
 
 def stale_functions(group: str) -> list[str]:

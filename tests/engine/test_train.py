@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
+import struct
+import warnings
 
 import pytest
 import torch
@@ -41,6 +45,34 @@ def test_ema_follows_a_naive_average():
 def test_derive_seed_is_stable_and_distinct():
     assert derive_seed(0, "pretrain", 1) == derive_seed(0, "pretrain", 1)
     assert derive_seed(0, "pretrain", 1) != derive_seed(0, "pretrain", 2)
+
+
+def test_derive_seed_keeps_the_values_recorded_runs_were_made_with():
+    # every committed result was seeded through these values: changing them changes every run
+    assert derive_seed(0, "pretrain", 1) == 4118735716447436969
+    assert derive_seed(3, "finetune", 0, "x") == 7436229852138909141
+    # the definition: the first 8 bytes of sha256("a/b/..."), little-endian, top bit cleared
+    digest = hashlib.sha256(b"3/finetune/0/x").digest()
+    assert derive_seed(3, "finetune", 0, "x") == struct.unpack("<Q", digest[:8])[0] % 2**63
+    assert all(0 <= derive_seed(i) < 2**63 for i in range(64))
+    assert max(derive_seed(i) for i in range(64)) >= 2**62  # the 63 bits are used, not fewer
+
+
+def test_cosine_schedule_clamps_after_the_last_step_even_with_a_single_decay_step():
+    s = Schedule(epochs=1, steps_per_epoch=3, lr=1.0, min_lr=0.1, weight_decay=0.0, warmup_steps=2)
+    assert cosine_lr(2, s) == pytest.approx(1.0)
+    assert cosine_lr(3, s) == pytest.approx(0.1) and cosine_lr(7, s) == pytest.approx(0.1)
+
+
+def test_autocast_context_is_bf16_autocast_on_cuda_and_cpu_and_nothing_elsewhere():
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constructing a CUDA autocast without CUDA only warns
+            ctx = autocast_context(device, "bf16")
+        assert isinstance(ctx, torch.autocast)
+        assert ctx.device == device.type and ctx.fast_dtype == torch.bfloat16
+    assert not isinstance(autocast_context(torch.device("mps"), "bf16"), torch.autocast)
+    assert not isinstance(autocast_context(torch.device("cpu"), "fp32"), torch.autocast)
 
 
 class _Toy(torch.nn.Module):
@@ -518,3 +550,202 @@ def test_wrap_ddp_passes_ddp_exactly_the_options_it_means(monkeypatch, device, i
     train.wrap_ddp(torch.nn.Linear(2, 2), device)
     flag = "forward_sync_buffers" if newer_torch else "broadcast_buffers"
     assert seen == {"device_ids": ids, "find_unused_parameters": False, flag: False}
+
+
+def test_epoch_means_across_ranks_refuse_ranks_that_logged_different_keys(monkeypatch):
+    # the cross-rank check runs only under torch.distributed; a fake of the two collectives it calls
+    # stands in for a second rank, whose keys are `other`
+    other: list[str] = []
+    gathered: list[object] = []
+
+    def all_gather_object(obj):
+        gathered.append(obj)
+        return [obj, other]
+
+    monkeypatch.setattr(train.dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(train.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(train.dist, "all_reduce_mean", lambda t: t)
+    sums = {"loss": torch.tensor(6.0), "acc": torch.tensor(3.0)}
+    other[:] = ["acc", "loss"]
+    assert train._epoch_means(sums, 3) == {"acc": 1.0, "loss": 2.0}
+    assert gathered == [["acc", "loss"]]  # the sorted keys are what each rank sends
+    other[:] = ["loss"]
+    with pytest.raises(RuntimeError, match=r"ranks logged different values this epoch: .*every rank must"):
+        train._epoch_means(sums, 3)
+
+
+def test_each_epoch_draws_from_generators_seeded_by_seed_stage_epoch_and_rank():
+    # the data order, augmentation, masking and dropout of a run are fixed by these four parts alone
+    seen: list[tuple[int, int, int]] = []
+
+    def batches(epoch, generator):
+        seen.append((epoch, generator.initial_seed(), torch.initial_seed()))
+        yield from _batches(epoch, generator)
+
+    s = Schedule(epochs=3, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    fit(
+        _Toy(),
+        batches,
+        s,
+        stage="pretrain",
+        seed=7,
+        device=torch.device("cpu"),
+        ckpt_dir=None,
+        logger=MetricsLogger(None),
+    )
+    expected = [
+        (e, derive_seed(7, "pretrain", e, 0), derive_seed(7, "pretrain", "global", e, 0)) for e in range(3)
+    ]
+    assert seen == expected
+
+
+def test_after_step_and_ema_decay_hooks_run_once_per_step_after_the_update():
+    # after_step (momentum encoders, queues) must see the weights of this step's update; ema_decay (HABIT)
+    # chooses the decay the EMA copy uses at this step
+    class Hooked(_Toy):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[int, int, int, float, bool]] = []
+            self.asked: list[tuple[float, bool]] = []
+
+        def forward(self, batch, info):
+            self.before = self.lin.weight.detach().clone()
+            return super().forward(batch, info)
+
+        def after_step(self, info):
+            updated = not torch.equal(self.lin.weight, self.before)
+            self.seen.append((info.epoch, info.step, info.total_steps, info.epoch_progress, updated))
+            assert info.generator.initial_seed() == derive_seed(0, "toy", info.epoch, 0)
+
+        def ema_decay(self, decay, ema_module):
+            self.asked.append((decay, isinstance(ema_module, Hooked) and ema_module is not self))
+            return 0.0  # the EMA copy takes the online weights at every step
+
+    model = Hooked()
+    evaluated: list[bool] = []
+
+    def evaluate(m):
+        evaluated.append(m is not model and torch.equal(m.lin.weight, model.lin.weight))
+        return {"score": 0.0}
+
+    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=0, ema=0.9)
+    _fit_toy(model, s, evaluate=evaluate)
+    assert model.seen == [(e, 3 * e + i, 6, i / 3, True) for e in range(2) for i in range(3)]
+    assert model.asked == [(0.9, True)] * 6
+    assert evaluated == [True, True]  # the evaluated EMA copy followed the decay of 0 it was given
+
+
+def test_fit_in_bf16_runs_each_step_under_cpu_bf16_autocast():
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    class Probe(_Toy):
+        def forward(self, batch, info):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return super().forward(batch, info)
+
+    s = Schedule(epochs=1, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    _fit_toy(Probe(), s, precision="bf16")
+    assert seen == [(True, torch.bfloat16)] * 3
+    seen.clear()
+    _fit_toy(Probe(), s, precision="fp32")
+    assert [enabled for enabled, _ in seen] == [False] * 3
+
+
+def test_a_parameter_without_a_gradient_in_a_step_is_not_moved_by_that_step():
+    # gradients are reset to None, not zero: AdamW then skips a parameter a step does not use (e.g. a head
+    # of a modality absent from the batch) instead of moving it with its old momentum
+    class SometimesUnused(_Toy):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = torch.nn.Parameter(torch.ones(3))
+            self.values: list[torch.Tensor] = []
+
+        def forward(self, batch, info):
+            self.values.append(self.aux.detach().clone())
+            loss, logs = super().forward(batch, info)
+            return (loss + self.aux.sum() if info.step == 0 else loss), logs
+
+    model = SometimesUnused()
+    s = Schedule(epochs=1, steps_per_epoch=3, lr=0.1, min_lr=0.1, weight_decay=0.0, warmup_steps=0)
+    _fit_toy(model, s)
+    assert not torch.equal(model.values[1], model.values[0])  # step 0 used and moved it
+    assert torch.equal(model.aux.detach(), model.values[1])  # steps 1 and 2 left it where step 0 put it
+
+
+def test_the_progress_bar_counts_every_step_and_shows_the_running_mean_loss(monkeypatch):
+    bars: list[dict] = []
+
+    class Bar:
+        def __init__(self, **kwargs) -> None:
+            self.kwargs, self.n, self.postfix = kwargs, kwargs.get("initial", 0), []
+            bars.append(self.__dict__)
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, **kw):
+            self.postfix.append(kw)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train, "progress", lambda **kw: Bar(**kw))
+    monkeypatch.setattr(train, "CHECK_EVERY", 1)
+
+    class Constant(_Toy):
+        def forward(self, batch, info):
+            loss, logs = super().forward(batch, info)
+            return loss * 0 + info.step, logs  # loss = the step's index
+
+    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    _fit_toy(Constant(), s)
+    (bar,) = bars
+    assert bar["kwargs"]["total"] == 6 and bar["kwargs"]["desc"] == "toy" and bar["n"] == 6
+    # running mean of the epoch's losses so far: epoch 1 sees 0, 0.5, 1; epoch 2 sees 3, 3.5, 4
+    means = [0.0, 0.5, 1.0, 3.0, 3.5, 4.0]
+    shown = [(p["loss"], p["epoch"]) for p in bar["postfix"]]
+    assert shown == [(f"{m:.3f}", 1 + i // 3) for i, m in enumerate(means)]
+
+
+def test_an_epoch_without_batches_logs_a_zero_learning_rate_and_no_losses():
+    def sometimes_empty(epoch, generator):
+        if epoch != 1:
+            yield from _batches(epoch, generator)
+
+    s = Schedule(epochs=3, steps_per_epoch=3, lr=0.01, min_lr=0.01, weight_decay=0.0, warmup_steps=0)
+    result = _fit_toy(_Toy(), s, batches=sometimes_empty)
+    assert [r["lr"] for r in result.history] == [0.01, 0.0, 0.01]
+    assert "loss" not in result.history[1] and "loss" in result.history[2]
+
+
+def test_auto_precision_on_cuda_follows_the_devices_bf16_support_and_other_devices_stay_fp32(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for supported, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert resolve_precision("auto", cuda) == expected
+    monkeypatch.setattr(train, "cpu_native_bf16", lambda: True)
+    assert resolve_precision("auto", torch.device("mps")) == "fp32"
+    assert (
+        resolve_precision("bf16", torch.device("mps")) == "bf16"
+    )  # as asked; autocast_context then skips it
+    with pytest.raises(ValueError, match="precision must be fp32, bf16 or auto, got 'fp16'"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_each_epoch_is_logged_once_under_the_stage_at_its_last_step(tmp_path):
+    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    result = fit(
+        _Toy(),
+        _batches,
+        s,
+        stage="finetune",
+        seed=0,
+        device=torch.device("cpu"),
+        ckpt_dir=None,
+        logger=logger,
+    )
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"], r["epoch"]) for r in rows] == [("finetune", 3, 1), ("finetune", 6, 2)]
+    assert [r["loss"] for r in rows] == pytest.approx([h["loss"] for h in result.history])
