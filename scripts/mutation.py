@@ -47,7 +47,12 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "pretrain": (
         ["src/mics/methods/pretrain.py"],
-        ["tests/methods/test_stage_modules.py", *WIRING, "tests/methods/test_baseline_wiring.py"],
+        [
+            "tests/methods/test_stage_modules.py",
+            "tests/methods/test_pretrain_orders.py",
+            *WIRING,
+            "tests/methods/test_baseline_wiring.py",
+        ],
     ),
     "finetune": (["src/mics/methods/finetune.py"], ["tests/methods/test_stage_modules.py", *WIRING]),
     "baseline": (
@@ -219,8 +224,10 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
             function = re.sub(r"__mutmut_\d+$", "", name)
             # fastest first: with -x a killed mutant stops at its first failing test
             selected = sorted(set(by_function.get(function, [])), key=lambda t: (duration.get(t, 1e9), t))
+            # --tb=no: a traceback through mutmut's copy of a module (every mutant inlined, thousands of
+            # lines) takes pytest seconds to format, and only pass or fail matters here
             if selected:  # (pytest.main with no test named would run every test under the folder)
-                code = int(pytest.main([*selected, "-x", "-q", "-p", "no:cacheprovider"]))
+                code = int(pytest.main([*selected, "-x", "-q", "--tb=no", "-p", "no:cacheprovider"]))
                 code = {0: 0, 1: 1, 5: 33}.get(code, code)
             else:
                 code = 33
@@ -352,7 +359,8 @@ def report(groups: list[str]) -> int:
             if s in ("survived", "no tests", "timeout", "suspicious"):
                 survivors[module_of(name)].append(f"{name} ({s})")
     header = (
-        f"{'module':28} {'mutants':>7} {'run':>5} {'killed':>6} {'equiv':>5} {'alive':>5} {'kill rate':>9}"
+        f"{'module':28} {'mutants':>7} {'run':>5} {'killed':>6} {'timeout':>7} {'equiv':>5} {'alive':>5}"
+        f" {'kill rate':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -362,7 +370,10 @@ def report(groups: list[str]) -> int:
         print(_row(module, by_module[module]))
     print("-" * len(header))
     print(_row("all", total))
-    print("\nkill rate = killed / (run - equivalent); 'alive' = survived, no test, timeout or suspicious")
+    print(
+        "\nkill rate = (killed + timeout) / (run - equivalent), as mutmut scores it: a mutant that makes the"
+        "\ntests hang is caught (listed below all the same); 'alive' = survived, no test or suspicious"
+    )
     for module in sorted(survivors):
         print(f"\nsurvivors in {module} (see them with: cd mutation/<group> && mutmut show NAME):")
         for line in survivors[module]:
@@ -373,10 +384,12 @@ def report(groups: list[str]) -> int:
 def _row(name: str, c: Counter[str]) -> str:
     n = sum(c.values())
     run = n - c["not run"] - c["skipped"]
-    alive = c["survived"] + c["no tests"] + c["timeout"] + c["suspicious"]
-    scored = c["killed"] + alive
-    rate = f"{100 * c['killed'] / scored:.1f} %" if scored else "-"
-    return f"{name:28} {n:7d} {run:5d} {c['killed']:6d} {c['equivalent']:5d} {alive:5d} {rate:>9}"
+    alive = c["survived"] + c["no tests"] + c["suspicious"]
+    caught = c["killed"] + c["timeout"]
+    scored = caught + alive
+    rate = f"{100 * caught / scored:.1f} %" if scored else "-"
+    counts = f"{n:7d} {run:5d} {c['killed']:6d} {c['timeout']:7d} {c['equivalent']:5d} {alive:5d}"
+    return f"{name:28} {counts} {rate:>9}"
 
 
 def main() -> int:

@@ -705,6 +705,14 @@ def test_the_progress_bar_counts_every_step_and_shows_the_running_mean_loss(monk
     means = [0.0, 0.5, 1.0, 3.0, 3.5, 4.0]
     shown = [(p["loss"], p["epoch"]) for p in bar["postfix"]]
     assert shown == [(f"{m:.3f}", 1 + i // 3) for i, m in enumerate(means)]
+    # no forced redraw per step: tqdm redraws at its own pace (a redraw per step slows small models)
+    assert all(p["refresh"] is False for p in bar["postfix"])
+
+
+def test_evaluation_runs_every_eval_every_epochs_and_after_the_last():
+    s = Schedule(epochs=5, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    result = _fit_toy(_Toy(), s, evaluate=lambda model: {"score": 0.0}, eval_every=2)
+    assert [r["epoch"] for r in result.history if "val_score" in r] == [2, 4, 5]
 
 
 def test_an_epoch_without_batches_logs_a_zero_learning_rate_and_no_losses():
@@ -749,3 +757,18 @@ def test_each_epoch_is_logged_once_under_the_stage_at_its_last_step(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"], r["epoch"]) for r in rows] == [("finetune", 3, 1), ("finetune", 6, 2)]
     assert [r["loss"] for r in rows] == pytest.approx([h["loss"] for h in result.history])
+
+
+@pytest.mark.parametrize("check_every", [1, 100])
+@pytest.mark.parametrize("first", [0, 1, 4])
+def test_the_first_non_finite_step_is_reported_even_when_later_steps_are_non_finite_too(
+    monkeypatch, first, check_every
+):
+    # the flag is read every CHECK_EVERY steps and at the end of each epoch: later bad steps must not
+    # overwrite the first one
+    monkeypatch.setattr(train, "CHECK_EVERY", check_every)
+    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    epoch = first // 3 + 1
+    expected = rf"^\[toy\] the loss became NaN or infinite at epoch {epoch}, step {first + 1};"
+    with pytest.raises(NonFiniteLossError, match=expected):
+        _fit_toy(_Toy(blow_up_at=first), s)
