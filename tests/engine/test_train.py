@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mics.engine.train as train
+from mics.engine.checkpoint import load_checkpoint
 from mics.engine.logging import MetricsLogger
 from mics.engine.train import (
     EMAModel,
@@ -500,8 +501,11 @@ def test_fit_compiles_nothing_unless_asked(monkeypatch):
     s = Schedule(epochs=1, steps_per_epoch=3, lr=0.05, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
     _fit_toy(_Toy(), s)
     assert calls == []
-    _fit_toy(_Toy(), s, compile=True)
-    assert len(calls) == 1
+    model = _Toy()
+    _fit_toy(model, s, compile=True)
+    assert calls == [model]  # the method itself (its blocks), before any DDP wrapper
+    _fit_toy(_Toy(), s, compile=True, compile_devices=("cuda",))
+    assert calls == [model]
 
 
 def test_fit_says_when_auto_precision_resolves_and_is_quiet_otherwise(monkeypatch, capsys):
@@ -772,3 +776,29 @@ def test_the_first_non_finite_step_is_reported_even_when_later_steps_are_non_fin
     expected = rf"^\[toy\] the loss became NaN or infinite at epoch {epoch}, step {first + 1};"
     with pytest.raises(NonFiniteLossError, match=expected):
         _fit_toy(_Toy(blow_up_at=first), s)
+
+
+def test_the_best_checkpoint_is_the_first_epoch_with_the_best_score_and_says_so(tmp_path):
+    scores = iter([0.5, 0.7, 0.7, 0.2])  # a tie at epochs 2 and 3: the earlier one stays the best
+    weights_at: list[torch.Tensor] = []
+
+    def evaluate(model):
+        weights_at.append(model.lin.weight.detach().clone())
+        return {"score": next(scores)}
+
+    s = Schedule(epochs=4, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    result = _fit_toy(_Toy(), s, ckpt_dir=tmp_path, evaluate=evaluate)
+    assert (result.best_epoch, result.best_score) == (2, 0.7)
+    state, info = load_checkpoint(tmp_path / "best")
+    assert {k: info[k] for k in ("epoch", "score")} == {"epoch": 2, "score": 0.7}
+    assert torch.equal(state["model"]["lin.weight"], weights_at[1])
+
+
+def test_the_last_checkpoint_records_its_stage_epoch_best_and_history(tmp_path):
+    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    scores = iter([0.3, 0.1])
+    result = _fit_toy(_Toy(), s, ckpt_dir=tmp_path, evaluate=lambda m: {"score": next(scores)})
+    _, info = load_checkpoint(tmp_path / "last")
+    assert info["stage"] == "toy" and info["epoch"] == 1  # 0-based: the last finished epoch
+    assert (info["best_score"], info["best_epoch"]) == (0.3, 1)
+    assert info["history"] == result.history
