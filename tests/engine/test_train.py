@@ -802,3 +802,44 @@ def test_the_last_checkpoint_records_its_stage_epoch_best_and_history(tmp_path):
     assert info["stage"] == "toy" and info["epoch"] == 1  # 0-based: the last finished epoch
     assert (info["best_score"], info["best_epoch"]) == (0.3, 1)
     assert info["history"] == result.history
+
+
+def test_resuming_without_extra_state_ignores_the_checkpoints_extra(tmp_path):
+    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    first = Schedule(epochs=1, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    _fit_toy(_Toy(), first, ckpt_dir=tmp_path, extra=torch.nn.Linear(1, 1))
+    result = _fit_toy(_Toy(), s, ckpt_dir=tmp_path, resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+def test_under_torch_distributed_the_step_runs_through_the_ddp_wrapper(monkeypatch):
+    # stand-ins for a one-rank process group: fit must wrap the method once, with its device, and call
+    # the wrapper (which averages gradients) rather than the bare method
+    wrapped: list[tuple[torch.nn.Module, torch.device]] = []
+    calls: list[int] = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, batch, info):
+            calls.append(info.step)
+            return self.module(batch, info)
+
+    def wrap(method, device):
+        wrapped.append((method, device))
+        return Wrapper(method)
+
+    monkeypatch.setattr(train.dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(train.dist, "rank", lambda: 0)
+    monkeypatch.setattr(train.dist, "world_size", lambda: 1)
+    monkeypatch.setattr(train.dist, "all_gather_object", lambda obj: [obj])
+    monkeypatch.setattr(train.dist, "all_reduce_mean", lambda t: t)
+    monkeypatch.setattr(train.dist, "all_reduce_max", lambda t: t)
+    monkeypatch.setattr(train.dist, "barrier", lambda: None)
+    monkeypatch.setattr(train, "wrap_ddp", wrap)
+    model = _Toy()
+    s = Schedule(epochs=1, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    _fit_toy(model, s)
+    assert wrapped == [(model, torch.device("cpu"))] and calls == [0, 1, 2]
