@@ -715,8 +715,9 @@ def test_the_progress_bar_counts_every_step_and_shows_the_running_mean_loss(monk
 
 def test_evaluation_runs_every_eval_every_epochs_and_after_the_last():
     s = Schedule(epochs=5, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
-    result = _fit_toy(_Toy(), s, evaluate=lambda model: {"score": 0.0}, eval_every=2)
-    assert [r["epoch"] for r in result.history if "val_score" in r] == [2, 4, 5]
+    for every, epochs in ((2, [2, 4, 5]), (3, [3, 5]), (5, [5])):
+        result = _fit_toy(_Toy(), s, evaluate=lambda model: {"score": 0.0}, eval_every=every)
+        assert [r["epoch"] for r in result.history if "val_score" in r] == epochs
 
 
 def test_an_epoch_without_batches_logs_a_zero_learning_rate_and_no_losses():
@@ -843,3 +844,27 @@ def test_under_torch_distributed_the_step_runs_through_the_ddp_wrapper(monkeypat
     s = Schedule(epochs=1, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
     _fit_toy(model, s)
     assert wrapped == [(model, torch.device("cpu"))] and calls == [0, 1, 2]
+
+
+def test_a_resumed_fits_progress_bar_starts_at_the_steps_already_done(monkeypatch, tmp_path):
+    starts: list[tuple[int, int]] = []
+
+    class Bar:
+        def __init__(self, total, desc, initial=0):
+            starts.append((total, initial))
+
+        def update(self, k):
+            pass
+
+        def set_postfix(self, **kw):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train, "progress", lambda **kw: Bar(**kw))
+    first = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    _fit_toy(_Toy(), first, ckpt_dir=tmp_path)
+    longer = Schedule(epochs=5, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    _fit_toy(_Toy(), longer, ckpt_dir=tmp_path, resume=True)
+    assert starts == [(6, 0), (15, 6)]
