@@ -184,7 +184,7 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
         if name == "mics" or name.startswith("mics."):
             del sys.modules[name]  # the mutated copy, not the installed package
     equivalent = equivalent_mutants()
-    skip = ("killed",) if unrun else ("killed", "not run")
+    skip = ("killed", "timeout") if unrun else ("killed", "timeout", "not run")  # a hang is caught already
     before = results(group)
     todo = [n for n, c in before.items() if status(c) not in skip and n not in equivalent]
     todo.sort(key=lambda n: (before[n] is not None, n))  # the untested first: most of them die quickly

@@ -143,3 +143,13 @@ def test_the_distillation_weight_ramps_up_over_the_first_epoch_only():
 
     assert loss(1, 0.5) == pytest.approx(loss(5, 0.0))
     assert loss(0, 0.5) != pytest.approx(loss(5, 0.0))
+
+
+def test_pair_batches_follow_the_seeds_epoch_order_in_sorted_batches():
+    images = _pairs(8)
+    indices = np.arange(8)
+    for seed in (0, 3):
+        batches = pair_batches(images, images, indices, 4, torch.device("cpu"), seed=seed)
+        got = [b["index"].tolist() for b in batches(1, torch.Generator().manual_seed(0))]
+        order = epoch_order(indices, seed, 1).tolist()
+        assert got == [sorted(order[:4]), sorted(order[4:])]
