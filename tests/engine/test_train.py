@@ -117,18 +117,18 @@ def _fit(tmp_path, epochs, resume=False, model=None):
     return model, res
 
 
-def _fit_toy(model, schedule, ckpt_dir=None, batches=_batches, **kwargs):
-    """``fit`` of a toy model on ``batches`` without logs, and without checkpoints or evaluation unless
-    given; keywords not given stay at ``fit``'s defaults."""
+def _fit_toy(model, schedule, ckpt_dir=None, batches=_batches, stage="toy", seed=0, logger=None, **kwargs):
+    """``fit`` of a toy model on ``batches`` on CPU, without logs, checkpoints or evaluation unless given;
+    keywords not given stay at ``fit``'s defaults."""
     return fit(
         model,
         batches,
         schedule,
-        stage="toy",
-        seed=0,
+        stage=stage,
+        seed=seed,
         device=torch.device("cpu"),
         ckpt_dir=ckpt_dir,
-        logger=MetricsLogger(None),
+        logger=logger or MetricsLogger(None),
         **kwargs,
     )
 
@@ -587,16 +587,7 @@ def test_each_epoch_draws_from_generators_seeded_by_seed_stage_epoch_and_rank():
         yield from _batches(epoch, generator)
 
     s = Schedule(epochs=3, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
-    fit(
-        _Toy(),
-        batches,
-        s,
-        stage="pretrain",
-        seed=7,
-        device=torch.device("cpu"),
-        ckpt_dir=None,
-        logger=MetricsLogger(None),
-    )
+    _fit_toy(_Toy(), s, batches=batches, stage="pretrain", seed=7)
     expected = [
         (e, derive_seed(7, "pretrain", e, 0), derive_seed(7, "pretrain", "global", e, 0)) for e in range(3)
     ]
@@ -748,16 +739,7 @@ def test_auto_precision_on_cuda_follows_the_devices_bf16_support_and_other_devic
 def test_each_epoch_is_logged_once_under_the_stage_at_its_last_step(tmp_path):
     s = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
     logger = MetricsLogger(tmp_path, tensorboard=False)
-    result = fit(
-        _Toy(),
-        _batches,
-        s,
-        stage="finetune",
-        seed=0,
-        device=torch.device("cpu"),
-        ckpt_dir=None,
-        logger=logger,
-    )
+    result = _fit_toy(_Toy(), s, stage="finetune", logger=logger)
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"], r["epoch"]) for r in rows] == [("finetune", 3, 1), ("finetune", 6, 2)]
