@@ -133,6 +133,49 @@ def _fit_toy(model, schedule, ckpt_dir=None, batches=_batches, stage="toy", seed
     )
 
 
+class _Bar:
+    """Stands in for the tqdm bar ``fit`` makes: records how it was made, its count and its postfixes."""
+
+    made: list[_Bar] = []
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs, self.n, self.postfix = kwargs, kwargs.get("initial", 0), []
+        _Bar.made.append(self)
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix(self, **kw):
+        self.postfix.append(kw)
+
+    def close(self):
+        pass
+
+
+def _record_bars(monkeypatch) -> list[_Bar]:
+    _Bar.made = []
+    monkeypatch.setattr(train, "progress", lambda **kw: _Bar(**kw))
+    return _Bar.made
+
+
+def _one_rank_group(monkeypatch) -> None:
+    """Stand-ins for the collectives of a one-rank process group, so that ``fit`` takes its
+    torch.distributed path in this process."""
+    monkeypatch.setattr(train.dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(train.dist, "rank", lambda: 0)
+    monkeypatch.setattr(train.dist, "world_size", lambda: 1)
+    monkeypatch.setattr(train.dist, "all_gather_object", lambda obj: [obj])
+    monkeypatch.setattr(train.dist, "all_reduce_mean", lambda t: t)
+    monkeypatch.setattr(train.dist, "all_reduce_max", lambda t: t)
+    monkeypatch.setattr(train.dist, "barrier", lambda: None)
+
+
+def _schedule(epochs: int, **overrides) -> Schedule:
+    """A toy schedule: 3 steps an epoch, constant lr 0.01 unless overridden."""
+    fields = {"steps_per_epoch": 3, "lr": 0.01, "min_lr": 0.0, "weight_decay": 0.0, "warmup_steps": 0}
+    return Schedule(epochs=epochs, **{**fields, **overrides})
+
+
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     full, _ = _fit(tmp_path / "full", epochs=4)
 
@@ -566,9 +609,8 @@ def test_epoch_means_across_ranks_refuse_ranks_that_logged_different_keys(monkey
         gathered.append(obj)
         return [obj, other]
 
-    monkeypatch.setattr(train.dist, "is_distributed", lambda: True)
+    _one_rank_group(monkeypatch)
     monkeypatch.setattr(train.dist, "all_gather_object", all_gather_object)
-    monkeypatch.setattr(train.dist, "all_reduce_mean", lambda t: t)
     sums = {"loss": torch.tensor(6.0), "acc": torch.tensor(3.0)}
     other[:] = ["acc", "loss"]
     assert train._epoch_means(sums, 3) == {"acc": 1.0, "loss": 2.0}
@@ -586,7 +628,7 @@ def test_each_epoch_draws_from_generators_seeded_by_seed_stage_epoch_and_rank():
         seen.append((epoch, generator.initial_seed(), torch.initial_seed()))
         yield from _batches(epoch, generator)
 
-    s = Schedule(epochs=3, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    s = _schedule(3)
     _fit_toy(_Toy(), s, batches=batches, stage="pretrain", seed=7)
     expected = [
         (e, derive_seed(7, "pretrain", e, 0), derive_seed(7, "pretrain", "global", e, 0)) for e in range(3)
@@ -638,7 +680,7 @@ def test_fit_in_bf16_runs_each_step_under_cpu_bf16_autocast():
             seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
             return super().forward(batch, info)
 
-    s = Schedule(epochs=1, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    s = _schedule(1)
     _fit_toy(Probe(), s, precision="bf16")
     assert seen == [(True, torch.bfloat16)] * 3
     seen.clear()
@@ -668,23 +710,7 @@ def test_a_parameter_without_a_gradient_in_a_step_is_not_moved_by_that_step():
 
 
 def test_the_progress_bar_counts_every_step_and_shows_the_running_mean_loss(monkeypatch):
-    bars: list[dict] = []
-
-    class Bar:
-        def __init__(self, **kwargs) -> None:
-            self.kwargs, self.n, self.postfix = kwargs, kwargs.get("initial", 0), []
-            bars.append(self.__dict__)
-
-        def update(self, k):
-            self.n += k
-
-        def set_postfix(self, **kw):
-            self.postfix.append(kw)
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(train, "progress", lambda **kw: Bar(**kw))
+    bars = _record_bars(monkeypatch)
     monkeypatch.setattr(train, "CHECK_EVERY", 1)
 
     class Constant(_Toy):
@@ -692,20 +718,20 @@ def test_the_progress_bar_counts_every_step_and_shows_the_running_mean_loss(monk
             loss, logs = super().forward(batch, info)
             return loss * 0 + info.step, logs  # loss = the step's index
 
-    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    s = _schedule(2)
     _fit_toy(Constant(), s)
     (bar,) = bars
-    assert bar["kwargs"]["total"] == 6 and bar["kwargs"]["desc"] == "toy" and bar["n"] == 6
+    assert bar.kwargs["total"] == 6 and bar.kwargs["desc"] == "toy" and bar.n == 6
     # running mean of the epoch's losses so far: epoch 1 sees 0, 0.5, 1; epoch 2 sees 3, 3.5, 4
     means = [0.0, 0.5, 1.0, 3.0, 3.5, 4.0]
-    shown = [(p["loss"], p["epoch"]) for p in bar["postfix"]]
+    shown = [(p["loss"], p["epoch"]) for p in bar.postfix]
     assert shown == [(f"{m:.3f}", 1 + i // 3) for i, m in enumerate(means)]
     # no forced redraw per step: tqdm redraws at its own pace (a redraw per step slows small models)
-    assert all(p["refresh"] is False for p in bar["postfix"])
+    assert all(p["refresh"] is False for p in bar.postfix)
 
 
 def test_evaluation_runs_every_eval_every_epochs_and_after_the_last():
-    s = Schedule(epochs=5, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    s = _schedule(5)
     for every, epochs in ((2, [2, 4, 5]), (3, [3, 5]), (5, [5])):
         result = _fit_toy(_Toy(), s, evaluate=lambda model: {"score": 0.0}, eval_every=every)
         assert [r["epoch"] for r in result.history if "val_score" in r] == epochs
@@ -716,7 +742,7 @@ def test_an_epoch_without_batches_logs_a_zero_learning_rate_and_no_losses():
         if epoch != 1:
             yield from _batches(epoch, generator)
 
-    s = Schedule(epochs=3, steps_per_epoch=3, lr=0.01, min_lr=0.01, weight_decay=0.0, warmup_steps=0)
+    s = _schedule(3, min_lr=0.01)
     result = _fit_toy(_Toy(), s, batches=sometimes_empty)
     assert [r["lr"] for r in result.history] == [0.01, 0.0, 0.01]
     assert "loss" not in result.history[1] and "loss" in result.history[2]
@@ -729,15 +755,14 @@ def test_auto_precision_on_cuda_follows_the_devices_bf16_support_and_other_devic
         assert resolve_precision("auto", cuda) == expected
     monkeypatch.setattr(train, "cpu_native_bf16", lambda: True)
     assert resolve_precision("auto", torch.device("mps")) == "fp32"
-    assert (
-        resolve_precision("bf16", torch.device("mps")) == "bf16"
-    )  # as asked; autocast_context then skips it
+    # as asked; autocast_context then skips it
+    assert resolve_precision("bf16", torch.device("mps")) == "bf16"
     with pytest.raises(ValueError, match="precision must be fp32, bf16 or auto, got 'fp16'"):
         resolve_precision("fp16", torch.device("cpu"))
 
 
 def test_each_epoch_is_logged_once_under_the_stage_at_its_last_step(tmp_path):
-    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    s = _schedule(2)
     logger = MetricsLogger(tmp_path, tensorboard=False)
     result = _fit_toy(_Toy(), s, stage="finetune", logger=logger)
     logger.close()
@@ -754,7 +779,7 @@ def test_the_first_non_finite_step_is_reported_even_when_later_steps_are_non_fin
     # the flag is read every CHECK_EVERY steps and at the end of each epoch: later bad steps must not
     # overwrite the first one
     monkeypatch.setattr(train, "CHECK_EVERY", check_every)
-    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    s = _schedule(2)
     epoch = first // 3 + 1
     expected = rf"^\[toy\] the loss became NaN or infinite at epoch {epoch}, step {first + 1};"
     with pytest.raises(NonFiniteLossError, match=expected):
@@ -769,7 +794,7 @@ def test_the_best_checkpoint_is_the_first_epoch_with_the_best_score_and_says_so(
         weights_at.append(model.lin.weight.detach().clone())
         return {"score": next(scores)}
 
-    s = Schedule(epochs=4, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    s = _schedule(4)
     result = _fit_toy(_Toy(), s, ckpt_dir=tmp_path, evaluate=evaluate)
     assert (result.best_epoch, result.best_score) == (2, 0.7)
     state, info = load_checkpoint(tmp_path / "best")
@@ -778,7 +803,7 @@ def test_the_best_checkpoint_is_the_first_epoch_with_the_best_score_and_says_so(
 
 
 def test_the_last_checkpoint_records_its_stage_epoch_best_and_history(tmp_path):
-    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    s = _schedule(2)
     scores = iter([0.3, 0.1])
     result = _fit_toy(_Toy(), s, ckpt_dir=tmp_path, evaluate=lambda m: {"score": next(scores)})
     _, info = load_checkpoint(tmp_path / "last")
@@ -788,8 +813,8 @@ def test_the_last_checkpoint_records_its_stage_epoch_best_and_history(tmp_path):
 
 
 def test_resuming_without_extra_state_ignores_the_checkpoints_extra(tmp_path):
-    s = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
-    first = Schedule(epochs=1, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    s = _schedule(2)
+    first = _schedule(1)
     _fit_toy(_Toy(), first, ckpt_dir=tmp_path, extra=torch.nn.Linear(1, 1))
     result = _fit_toy(_Toy(), s, ckpt_dir=tmp_path, resume=True)
     assert [r["epoch"] for r in result.history] == [1, 2]
@@ -814,39 +839,18 @@ def test_under_torch_distributed_the_step_runs_through_the_ddp_wrapper(monkeypat
         wrapped.append((method, device))
         return Wrapper(method)
 
-    monkeypatch.setattr(train.dist, "is_distributed", lambda: True)
-    monkeypatch.setattr(train.dist, "rank", lambda: 0)
-    monkeypatch.setattr(train.dist, "world_size", lambda: 1)
-    monkeypatch.setattr(train.dist, "all_gather_object", lambda obj: [obj])
-    monkeypatch.setattr(train.dist, "all_reduce_mean", lambda t: t)
-    monkeypatch.setattr(train.dist, "all_reduce_max", lambda t: t)
-    monkeypatch.setattr(train.dist, "barrier", lambda: None)
+    _one_rank_group(monkeypatch)
     monkeypatch.setattr(train, "wrap_ddp", wrap)
     model = _Toy()
-    s = Schedule(epochs=1, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    s = _schedule(1)
     _fit_toy(model, s)
     assert wrapped == [(model, torch.device("cpu"))] and calls == [0, 1, 2]
 
 
 def test_a_resumed_fits_progress_bar_starts_at_the_steps_already_done(monkeypatch, tmp_path):
-    starts: list[tuple[int, int]] = []
-
-    class Bar:
-        def __init__(self, total, desc, initial=0):
-            starts.append((total, initial))
-
-        def update(self, k):
-            pass
-
-        def set_postfix(self, **kw):
-            pass
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(train, "progress", lambda **kw: Bar(**kw))
-    first = Schedule(epochs=2, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    bars = _record_bars(monkeypatch)
+    first = _schedule(2)
     _fit_toy(_Toy(), first, ckpt_dir=tmp_path)
-    longer = Schedule(epochs=5, steps_per_epoch=3, lr=0.01, min_lr=0.0, weight_decay=0.0, warmup_steps=0)
+    longer = _schedule(5)
     _fit_toy(_Toy(), longer, ckpt_dir=tmp_path, resume=True)
-    assert starts == [(6, 0), (15, 6)]
+    assert [(b.kwargs["total"], b.kwargs["initial"]) for b in bars] == [(6, 0), (15, 6)]
