@@ -257,13 +257,20 @@ def generate(folder: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mutmut", "run", "--max-children", "1"], cwd=folder, start_new_session=True
     )
-    while proc.poll() is None and not stats.exists():
+
+    def written() -> bool:  # the file appears when mutmut opens it: wait until it is whole
+        try:
+            json.loads(stats.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return True
+
+    while proc.poll() is None and not written():
         time.sleep(1)
     if proc.poll() is None:
-        time.sleep(2)  # mutmut writes the file in one call; let it close it
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
-    if not stats.exists():
+    if not written():
         raise SystemExit(f"mutmut stopped (exit {proc.returncode}) before it wrote {stats}")
 
 
