@@ -199,7 +199,9 @@ def _stopped(pid: int) -> bool:
 
 def _pending(pid: int) -> int:
     """The signals pending for process ``pid`` (its own and its threads' shared set), as a bit mask."""
-    status = Path(f"/proc/{pid}/status").read_text()
+    status_file = Path(f"/proc/{pid}/status")
+    assert status_file.exists(), f"process {pid} has ended (killed, not interrupted)"
+    status = status_file.read_text()
     return int(re.search(r"^ShdPnd:\s*([0-9a-f]+)$", status, flags=re.M)[1], 16) | int(
         re.search(r"^SigPnd:\s*([0-9a-f]+)$", status, flags=re.M)[1], 16
     )
@@ -212,7 +214,9 @@ def test_a_preempted_cell_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
     requeues it, and the requeued job continues the run folder instead of starting again.
 
     No race with the clock: the cell's process is frozen (SIGSTOP) before the job gets the signal and thawed
-    only once the handler's SIGINT is pending for it, so it cannot finish in between however fast it is."""
+    only once the handler's SIGINT is pending for it, so it cannot finish in between however fast it is.
+    The job is submitted with SIGINT ignored, as from a shell's background list (``make test &``): the
+    cell must heed the handler's SIGINT all the same (an ignored signal is dropped, never pending)."""
     epochs = 12
     grid = bench.parse_grid(
         {
@@ -226,7 +230,11 @@ def test_a_preempted_cell_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "bench"
     cid = "gi__supervised-standard__l50__s0"
     executor = SlurmExecutor(backend="local", wait=False)
-    result = bench.run_bench(grid, out, executor=executor, progress=False)
+    heeded = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = bench.run_bench(grid, out, executor=executor, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, heeded)
     assert list(result.submitted) == [cid]
     run_dir, log = bench.run_dir_of(out, cid), out / "logs" / f"{cid}.log"
     deadline = time.time() + 600

@@ -17,6 +17,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,6 +84,17 @@ def _reaped(pid: int) -> bool:
         return True
 
 
+def _heed_interrupts() -> None:
+    """Let SIGINT reach the cell: a job started from a shell's background list (``... &`` without job
+    control) inherits SIGINT ignored, its cell would inherit that too, and :meth:`CellJob._stop` could then
+    only kill it after the grace period instead of letting it stop like a Ctrl-C."""
+    if (
+        signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        and threading.current_thread() is threading.main_thread()
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class CellFailed(RuntimeError):
     """A cell's command exited with an error (the reason is the last error line of its log)."""
 
@@ -124,6 +136,7 @@ class CellJob:
         if dist_env:
             master = f"{dist_env['MASTER_ADDR']}:{dist_env['MASTER_PORT']}"
             where += f", rank {rank}/{dist_env['WORLD_SIZE']} via {master}"
+        _heed_interrupts()
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(f"\n# {where} on {socket.gethostname()}, pid {os.getpid()}\n$ {shlex.join(cmd)}\n")
             fh.flush()
