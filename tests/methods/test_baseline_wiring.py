@@ -21,6 +21,7 @@ from mics.engine.logging import MetricsLogger
 from mics.engine.train import Schedule, StepInfo, fit
 from mics.methods import baseline as baseline_module
 from mics.methods.baseline import SSLTraining, ssl_batches
+from mics.methods.pretrain import cycled_order, labelled_order
 from mics.methods.ssl import build_algorithm
 
 SMOKE = preset("smoke")
@@ -47,7 +48,7 @@ def _sample_ids(x: torch.Tensor, offset: int) -> list[int]:
     return values.tolist()
 
 
-def _batches(way: str, labels: np.ndarray, cfg: SSLConfig, steps: int = 3):
+def _batches(way: str, labels: np.ndarray, cfg: SSLConfig, steps: int = 3, seed: int = 0, **kwargs: Any):
     return ssl_batches(
         _constant_images(0),
         _constant_images(100),
@@ -58,7 +59,8 @@ def _batches(way: str, labels: np.ndarray, cfg: SSLConfig, steps: int = 3):
         way,  # type: ignore[arg-type]
         steps,
         torch.device("cpu"),
-        seed=0,
+        seed=seed,
+        **kwargs,
     )
 
 
@@ -81,13 +83,15 @@ def test_multimodal_strong_view_is_the_weak_view_of_the_paired_partner():
 
 def test_standard_strong_view_is_randaugment_of_the_same_wli_image(monkeypatch):
     seen: list[torch.Tensor] = []
+    settings: set[tuple[int, int]] = set()
 
     def spy_strong(x: torch.Tensor, ops: int, magnitude: int, *args: Any, **kwargs: Any) -> torch.Tensor:
         seen.append(x.clone())
+        settings.add((ops, magnitude))
         return 255 - x  # a marker transform: the strong view must be exactly what ``strong`` returned
 
     monkeypatch.setattr(baseline_module, "strong", spy_strong)
-    cfg = SSLConfig(batch_size=4, uratio=2, randaugment_ops=2, randaugment_magnitude=10)
+    cfg = SSLConfig(batch_size=4, uratio=2, randaugment_ops=3, randaugment_magnitude=7)
     for batch in _batches("standard", _labels(), cfg)(0, torch.Generator().manual_seed(0)):
         ids_u = UNLABELLED[batch["idx_u"].numpy()].tolist()
         raw = seen.pop(0)
@@ -96,6 +100,53 @@ def test_standard_strong_view_is_randaugment_of_the_same_wli_image(monkeypatch):
         # the marker maps sample i to the constant 255 - i, read back with offset 255 - (N - 1)
         assert _sample_ids(batch["x_u_s"], 255 - (N - 1)) == [N - 1 - i for i in ids_u]
     assert not seen
+    assert settings == {(3, 7)}, "RandAugment must get the configured number of ops and magnitude"
+
+
+@pytest.mark.parametrize("balance", ["none", "sampler"])
+def test_batches_follow_the_seeded_sample_orders(balance):
+    """Each epoch's labelled stream is ``labelled_order`` of tag ``l.<epoch>`` (class-balanced draws with
+    ``"sampler"``), the unlabelled stream ``cycled_order`` of the positions in ``unlabelled`` with tag
+    ``u.<epoch>``, both of the run's seed, sliced into consecutive batches: every recorded run's batches
+    depend on it."""
+    cfg = SSLConfig(batch_size=4, uratio=2)
+    labels = np.array([0] * 18 + [1] * 4 + [2] * 2)  # imbalanced: balanced draws differ from permutations
+    steps, b_l, b_u = 3, 4, 8
+    positions = np.arange(len(UNLABELLED))
+    fn = _batches("multimodal", labels, cfg, steps, seed=11, balance=balance)
+    for epoch in (0, 1):
+        want_l = labelled_order(LABELLED, labels, 11, f"l.{epoch}", steps * b_l, balance)[: steps * b_l]
+        want_u = cycled_order(positions, 11, f"u.{epoch}", steps * b_u)[: steps * b_u]
+        got = list(fn(epoch, torch.Generator().manual_seed(epoch)))
+        assert len(got) == steps
+        assert sum((_sample_ids(b["x_l"], 0) for b in got), []) == want_l.tolist()
+        assert torch.cat([b["idx_u"] for b in got]).tolist() == want_u.tolist()
+        assert sum((_sample_ids(b["x_u_w"], 0) for b in got), []) == UNLABELLED[want_u.numpy()].tolist()
+
+
+def test_without_unlabelled_data_the_batches_hold_the_labelled_stream_only():
+    fn = _batches("multimodal", _labels(), SSLConfig(batch_size=4, uratio=2), use_unlabelled=False)
+    got = list(fn(0, torch.Generator().manual_seed(0)))
+    assert len(got) == 3 and all(set(b) == {"x_l", "y_l"} for b in got)
+
+
+def test_multimodal_views_are_drawn_from_the_epoch_generator_alone():
+    """Flips and crops of every view come from the generator ``fit`` hands the epoch (seeded per epoch and
+    rank), not from the global RNG: the same generator gives the same batches whatever that state."""
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (N, 3, SIZE, SIZE), dtype=np.uint8)
+    b = rng.integers(0, 256, (N, 3, SIZE, SIZE), dtype=np.uint8)
+    cfg = SSLConfig(batch_size=4, uratio=2)
+    fn = ssl_batches(a, b, _labels(), LABELLED, UNLABELLED, cfg, "multimodal", 3, torch.device("cpu"), seed=0)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(list(fn(0, torch.Generator().manual_seed(5))))
+    for first, second in zip(*runs, strict=True):
+        for key in ("x_l", "x_u_w", "x_u_s"):
+            assert torch.equal(first[key], second[key]), key
+    other = list(fn(0, torch.Generator().manual_seed(6)))
+    assert not all(torch.equal(x["x_u_s"], y["x_u_s"]) for x, y in zip(runs[0], other, strict=True))
 
 
 def _model(method: str, threshold: float) -> SSLTraining:
