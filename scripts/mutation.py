@@ -57,7 +57,11 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "finetune": (["src/mics/methods/finetune.py"], ["tests/methods/test_stage_modules.py", *WIRING]),
     "baseline": (
         ["src/mics/methods/baseline.py"],
-        ["tests/methods/test_baseline_wiring.py", "tests/methods/test_class_balance.py"],
+        [
+            "tests/methods/test_baseline_wiring.py",
+            "tests/methods/test_baseline_training.py",
+            "tests/methods/test_class_balance.py",
+        ],
     ),
     "train": (
         ["src/mics/engine/train.py"],
