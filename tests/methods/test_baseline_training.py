@@ -35,6 +35,7 @@ class Recording(SSLAlgorithm):
         self.mixed: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def unlabelled_loss(self, logits_w, logits_s, idx, step, total_steps, **kwargs) -> UnlabelledOutput:
+        self.calls["unlabelled_kwargs"] = kwargs
         self.calls["unlabelled"] = (
             logits_w.detach().clone(),
             logits_s.detach().clone(),
@@ -67,6 +68,10 @@ class Recording(SSLAlgorithm):
 
 class Mixing(Recording):
     mixes_inputs: ClassVar[bool] = True
+
+
+class WithClassifier(Recording):
+    needs_classifier: ClassVar[bool] = True
 
 
 def _model(algorithm: SSLAlgorithm) -> SSLTraining:
@@ -127,6 +132,27 @@ def test_the_step_loss_is_supervised_plus_unlabelled_and_keeps_the_algorithms_lo
     assert algorithm.calls["observe"] == (pytest.approx(float(sup), abs=1e-5), 5)
     _, _, idx, step, total = algorithm.calls["unlabelled"]
     assert torch.equal(idx, batch["idx_u"]) and (step, total) == (5, 40)
+    assert "pseudo_acc" not in logs  # no unlabelled ground truth in the batch: nothing to monitor
+
+
+@pytest.mark.parametrize("algorithm_type", [Recording, WithClassifier])
+def test_the_unlabelled_loss_gets_both_views_features_and_the_head_when_it_asks(algorithm_type):
+    algorithm = algorithm_type()
+    model = _model(algorithm)
+    batch = _batch()
+    model(batch, _info())
+    kwargs = algorithm.calls["unlabelled_kwargs"]
+    with torch.no_grad():
+        torch.testing.assert_close(kwargs["feats_w"], model.features(batch["x_u_w"]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kwargs["feats_s"], model.features(batch["x_u_s"]), atol=1e-5, rtol=1e-5)
+    assert kwargs["classifier"] is (model.head if algorithm.needs_classifier else None)
+
+
+def test_pseudo_label_accuracy_is_monitored_against_the_unlabelled_ground_truth():
+    model = _model(Recording())  # its pseudo-labels are all class 0
+    batch = _batch() | {"y_u": torch.tensor([0, 1, 0, 2])}
+    _, logs = model(batch, _info())
+    assert float(logs["pseudo_acc"]) == 0.5
 
 
 def test_a_mixing_algorithm_gets_the_batch_and_its_mixed_tensors_are_trained_on():
