@@ -110,8 +110,9 @@ def test_batches_follow_the_seeded_sample_orders(balance):
     ``u.<epoch>``, both of the run's seed, sliced into consecutive batches: every recorded run's batches
     depend on it."""
     cfg = SSLConfig(batch_size=4, uratio=2)
-    labels = np.array([0] * 18 + [1] * 4 + [2] * 2)  # imbalanced: balanced draws differ from permutations
-    steps, b_l, b_u = 3, 4, 8
+    # imbalanced (balanced draws differ from permutations), int32 (the batches' labels are int64 all the same)
+    labels = np.array([0] * 18 + [1] * 4 + [2] * 2, dtype=np.int32)
+    steps, b_l, b_u = 4, 4, 8  # 32 unlabelled draws per epoch: more than one permutation of the 24 samples
     positions = np.arange(len(UNLABELLED))
     fn = _batches("multimodal", labels, cfg, steps, seed=11, balance=balance)
     for epoch in (0, 1):
@@ -121,6 +122,8 @@ def test_batches_follow_the_seeded_sample_orders(balance):
         assert len(got) == steps
         assert sum((_sample_ids(b["x_l"], 0) for b in got), []) == want_l.tolist()
         assert torch.cat([b["idx_u"] for b in got]).tolist() == want_u.tolist()
+        assert all(b["y_l"].dtype == b["y_u"].dtype == torch.long for b in got)
+        assert torch.cat([b["y_u"] for b in got]).tolist() == labels[UNLABELLED[want_u.numpy()]].tolist()
         assert sum((_sample_ids(b["x_u_w"], 0) for b in got), []) == UNLABELLED[want_u.numpy()].tolist()
 
 
