@@ -54,7 +54,10 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/methods/test_baseline_wiring.py",
         ],
     ),
-    "finetune": (["src/mics/methods/finetune.py"], ["tests/methods/test_stage_modules.py", *WIRING]),
+    "finetune": (
+        ["src/mics/methods/finetune.py"],
+        ["tests/methods/test_stage_modules.py", "tests/methods/test_finetune_batches.py", *WIRING],
+    ),
     "baseline": (
         ["src/mics/methods/baseline.py"],
         [

@@ -244,14 +244,16 @@ def test_finetuning_step_equals_hand_built_eq15_plus_etmc():
         z, cls_a, cls_b = feats["z"], feats["cls_a"], feats["cls_b"]
         cw = model.class_weights
         gen = torch.Generator().manual_seed(9)
-        total = _weighted_ce(model.classifier(z), y, cw)
-        shifts = {}
+        l_ce = _weighted_ce(model.classifier(z), y, cw)
+        total = l_ce
+        shifts, l_shift = {}, {}
         for which, own in (("a", cls_a), ("b", cls_b)):
             protos, bank = getattr(model, f"svd_{which}_prototypes"), getattr(model, f"svd_{which}_shifts")
             pick = torch.randint(0, bank.shape[1], (6,), generator=gen)
             s = bank[_nearest(own, protos), pick] * (z.norm(dim=1).mean() / own.norm(dim=1).mean())
             shifts[which] = s
-            total = total + _weighted_ce(model.classifier(z + s), y, cw)
+            l_shift[which] = _weighted_ce(model.classifier(z + s), y, cw)
+            total = total + l_shift[which]
         lam = 0.5  # min(1, (epoch + 1) / annealing_epochs) = 2 / 4
         w = cw[y]
         alpha_a = F.softplus(model.evidence_a.fc(cls_a)) + 1
@@ -259,13 +261,44 @@ def test_finetuning_step_equals_hand_built_eq15_plus_etmc():
         alpha_f = F.softplus(model.classifier(z)) + 1  # the Eq. 15 classifier is the fused view
         views = sum(_evidential(al, y, lam, w) for al in (alpha_a, alpha_b, alpha_f))
         combined = _ds(_ds(alpha_a, alpha_b), alpha_f)
-        total = total + views + _evidential(combined, y, lam, w)
+        l_fuse = _evidential(combined, y, lam, w)
+        total = total + views + l_fuse
 
+    torch.testing.assert_close(logs["l_ce"], l_ce, rtol=1e-5, atol=1e-5)
+    for which in ("a", "b"):
+        torch.testing.assert_close(logs[f"l_shift_{which}"], l_shift[which], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logs["l_views"].double(), views, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logs["l_fuse"].double(), l_fuse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss.detach().double(), total.double(), rtol=1e-5, atol=1e-5)
     for which in ("a", "b"):
         ratio = shifts[which].norm(dim=1).mean() / z.norm(dim=1).mean()
         torch.testing.assert_close(logs[f"shift_ratio_{which}"], ratio, rtol=1e-5, atol=1e-6)
+
+
+def test_the_classification_loss_uses_the_configured_label_smoothing():
+    model = _finetune(use_tmc=False, use_svd=False, label_smoothing=0.2)
+    a, b, y = torch.randn(4, 3, SIZE, SIZE), torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 1])
+    _, logs = model({"a": a, "b": b, "y": y}, _info())
+    with torch.no_grad():
+        logits = model.classifier(model.encode(a, b)["z"])
+    torch.testing.assert_close(logs["l_ce"], F.cross_entropy(logits, y, label_smoothing=0.2))
+    assert not torch.allclose(logs["l_ce"], F.cross_entropy(logits, y))
+
+
+def test_the_shift_ratio_is_exact_for_fused_features_shorter_than_one():
+    """The logged ||s|| / ||z^f|| divides by the mean norm as it is (the clamp only guards against 0)."""
+    model = _finetune(use_tmc=False)
+    model.svd_cfg = replace(model.svd_cfg, calibrate="none")
+    with torch.no_grad():
+        model.fusion.norm.weight.mul_(0.01)  # ||z^f|| well below 1
+    a, b, y = torch.randn(4, 3, SIZE, SIZE), torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 1])
+    _, logs = model({"a": a, "b": b, "y": y}, _info(seed=2))
+    with torch.no_grad():
+        feats = model.encode(a, b)
+        z_norm = feats["z"].norm(dim=1).mean()
+        assert z_norm < 0.5
+        s = model.shift("a", feats, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(logs["shift_ratio_a"], s.norm(dim=1).mean() / z_norm, rtol=1e-5, atol=1e-6)
 
 
 def test_uncalibrated_shifts_are_the_dictionary_vectors():
