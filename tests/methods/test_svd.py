@@ -60,3 +60,20 @@ def test_nearest_and_random_prototype_choice():
 def test_too_few_features_for_the_clusters():
     with pytest.raises(ValueError, match="at least 3"):
         build_dictionary(torch.randn(2, 4), 3, SVDConfig(), seed=0)
+
+
+def test_prototypes_are_the_member_means_of_the_seeded_ten_start_kmeans():
+    """The partition is scikit-learn's k-means with 10 starts and ``seed mod 2**31`` as its random state:
+    on features without clear clusters each of those choices gives another partition (checked below), so
+    the dictionary of a recorded run depends on them."""
+    from sklearn.cluster import KMeans
+
+    x = np.random.default_rng(2).standard_normal((40, 8))
+    d = build_dictionary(torch.from_numpy(x).float(), 5, SVDConfig(shifts_per_cluster=2), seed=2**31 + 5)
+    reference = KMeans(n_clusters=5, n_init=10, random_state=5).fit(x).labels_
+    want = np.stack([x[reference == j].mean(axis=0) for j in range(5)])
+    torch.testing.assert_close(d.prototypes, torch.from_numpy(want).float(), rtol=1e-5, atol=1e-6)
+    others = [{"n_init": 1}, {"n_init": 11}, {"random_state": 6}, {"random_state": 2**31 + 5}]
+    for other in others:
+        labels = KMeans(n_clusters=5, **{"n_init": 10, "random_state": 5, **other}).fit(x).labels_  # type: ignore[arg-type]
+        assert not np.array_equal(labels, reference), other
