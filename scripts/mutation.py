@@ -154,6 +154,9 @@ def prepare(group: str) -> Path:
     return folder
 
 
+# groups whose module takes no part in training a run: their tests' trained runs are built once per recheck
+# and reused by every mutant (tests/conftest.py, run_folder) instead of being trained again for each
+REUSE_RUNS = ("predict",)
 RECHECK_TIMEOUT_S = 180  # a mutant whose tests run longer than this (an endless loop) counts as a timeout
 
 
@@ -179,6 +182,10 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
             f"{group}: the mutants are of older code ({', '.join(stale[:5])} changed since); "
             f"run python scripts/mutation.py {group} to mutate the current code"
         )
+    if group in REUSE_RUNS:
+        runs = folder / "runs"
+        shutil.rmtree(runs, ignore_errors=True)  # runs of older code
+        os.environ["MICS_TEST_RUN_CACHE"] = str(runs)
     # mutmut's own copy of the tests is from its last run: bring in the tests written since
     shutil.copytree(
         ROOT / "tests", mutants / "tests", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
@@ -214,6 +221,9 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
     if unmapped:
         for function, tests_ in map_tests(unmapped, duration).items():
             by_function.setdefault(function, []).extend(tests_)
+    if group in REUSE_RUNS:  # train the reused runs now, with the original code and outside the timeout
+        os.environ["MUTANT_UNDER_TEST"] = ""  # mutmut's "no mutant"
+        pytest.main([*pool, "-q", "--tb=no", "-p", "no:cacheprovider"])
     counts: Counter[str] = Counter()
 
     timed_out = [False]

@@ -7,6 +7,7 @@ can stand as the second modality, which makes the order of the two inputs visibl
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from mics.config import preset
 from mics.data.views import to_float
 from mics.eval.metrics import classification_metrics
 from mics.predict import predict_files
-from tests.conftest import GI
+from tests.conftest import GI, run_folder
 
 SMOKE = preset("smoke")
 CFG = replace(
@@ -32,8 +33,11 @@ CFG = replace(
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    run_dir = tmp_path_factory.mktemp("predict") / "run"
-    metrics = pipeline.run(GI, run_dir, cfg=CFG, labels=0.2, seed=2)
+    run_dir = run_folder(tmp_path_factory, "predict")
+    if (run_dir / "metrics.json").exists():  # kept from an earlier session (MICS_TEST_RUN_CACHE)
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    else:
+        metrics = pipeline.run(GI, run_dir, cfg=CFG, labels=0.2, seed=2)
     ctx = pipeline.open_run(run_dir)
     test = np.asarray(ctx.split.test)
     samples = [ctx.images.samples[i] for i in test]
