@@ -301,6 +301,41 @@ def test_the_shift_ratio_is_exact_for_fused_features_shorter_than_one():
     torch.testing.assert_close(logs["shift_ratio_a"], s.norm(dim=1).mean() / z_norm, rtol=1e-5, atol=1e-6)
 
 
+def test_opinions_compute_the_classifier_logits_when_not_given_and_the_fused_head_adds_one():
+    model = _finetune()
+    feats = model.encode(torch.randn(3, 3, SIZE, SIZE), torch.randn(3, 3, SIZE, SIZE))
+    with torch.no_grad():
+        given = model.opinions(feats, model.classifier(feats["z"]))
+        computed = model.opinions(feats)
+    for x, y in zip(given, computed, strict=True):
+        torch.testing.assert_close(x, y)
+    head = _finetune(fused_evidence="head")
+    with torch.no_grad():
+        alpha_f = head.opinions(feats)[-1]
+        torch.testing.assert_close(alpha_f, F.softplus(head.evidence_f.fc(feats["z"])) + 1)
+
+
+def test_a_modality_without_a_dictionary_or_a_feature_gets_no_shift():
+    model = _finetune(use_tmc=False)
+    feats = {"cls_a": torch.randn(4, CFG.model.width), "z": torch.randn(4, CFG.model.width)}
+    assert model.shift("b", feats, torch.Generator().manual_seed(0)) is None  # no cls_b
+    bare = FusionFinetuning(CFG.model, replace(CFG.finetune, use_tmc=False), CFG.svd, SIZE, 3)
+    feats["cls_b"] = torch.randn(4, CFG.model.width)
+    assert bare.shift("a", feats, None) is None and bare.shift("b", feats, None) is None
+
+
+def test_calibrated_shifts_divide_by_the_feature_norm_as_it_is():
+    """``calibrate="fused"`` rescales by mean ||z^f|| / mean ||feature||; the clamp only guards against 0,
+    so features shorter than 1 are divided by their own norm too."""
+    model = _finetune(use_tmc=False)
+    feats = {"cls_a": 0.01 * torch.randn(4, CFG.model.width), "z": torch.randn(4, CFG.model.width)}
+    s = model.shift("a", feats, torch.Generator().manual_seed(1))
+    pick = torch.randint(0, 5, (4,), generator=torch.Generator().manual_seed(1))
+    raw = model.svd_a_shifts[_nearest(feats["cls_a"], model.svd_a_prototypes), pick]
+    ratio = feats["z"].norm(dim=1).mean() / feats["cls_a"].norm(dim=1).mean()
+    torch.testing.assert_close(s, raw * ratio)
+
+
 def test_uncalibrated_shifts_are_the_dictionary_vectors():
     model = _finetune(use_tmc=False)
     model.svd_cfg = replace(model.svd_cfg, calibrate="none")
