@@ -18,6 +18,7 @@ keeps what it has tested); ``--report`` only prints.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.util
 import json
 import re
@@ -182,6 +183,15 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
             f"{group}: the mutants are of older code ({', '.join(stale[:5])} changed since); "
             f"run python scripts/mutation.py {group} to mutate the current code"
         )
+    # mutmut's copies of the modules it does not mutate are from its own run: bring them up to date, or a
+    # test would run the mutated module against older code (and, where a test starts `mics` in a new
+    # process, which imports the working tree, mix the two)
+    mutated = GROUPS[group][0]
+    for path in (ROOT / "src").rglob("*"):
+        rel = path.relative_to(ROOT).as_posix()
+        if path.is_file() and "__pycache__" not in rel and not any(fnmatch.fnmatch(rel, m) for m in mutated):
+            (mutants / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, mutants / rel)
     if group in REUSE_RUNS:
         runs = folder / "runs"
         shutil.rmtree(runs, ignore_errors=True)  # runs of older code
