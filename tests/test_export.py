@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 
+from mics.data.errors import DataError  # noqa: E402
 from mics.export import export_onnx  # noqa: E402
 from mics.onnx_predict import OnnxModel, load_image  # noqa: E402
 from mics.predict import _decode, predict_files  # noqa: E402
@@ -106,6 +107,13 @@ def test_real_pair_graph_matches_pytorch_on_every_sample_pair(milk_smoke_run, mi
     torch_rows = predict_files(milk_smoke_run, a, b, device="cpu")
     onnx_rows = predict_files(milk_smoke_run, a, b, engine="onnx")
     assert max_prob_diff(torch_rows, onnx_rows) <= TOLERANCE
+    assert [(r["image"], r["partner"]) for r in onnx_rows] == [
+        (str(x), str(y)) for x, y in zip(a, b, strict=True)
+    ]
+    values = [v for r in onnx_rows for v in (*r["probabilities"].values(), r["uncertainty"])]
+    assert all(v == round(v, 6) for v in values) and any(v != round(v, 5) for v in values)
+    with pytest.raises(DataError, match=r"^got 2 images but 1 --partner images; give one partner per image$"):
+        predict_files(milk_smoke_run, a[:2], b[:1], engine="onnx")
     assert OnnxModel(milk_onnx).input_names == ["image", "partner"]
 
 

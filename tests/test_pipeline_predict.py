@@ -8,6 +8,7 @@ can stand as the second modality, which makes the order of the two inputs visibl
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -121,9 +122,13 @@ def test_predict_refuses_what_it_cannot_do_with_messages_that_say_what_to_do(fin
         predict_files(run_dir, images, engine="tf")
     with pytest.raises(RunError, match=r"no fine-tuned model .*'mics run'"):
         predict_files(tmp_path, images)
-    with pytest.raises(DataError, match="got 2 images but 1 --partner images"):
+    with pytest.raises(
+        DataError,
+        match=r"^got 2 images but 1 --partner images; give one partner per image or none \(then the partner "
+        r"is generated as in training\)$",
+    ):
         predict_files(run_dir, images, partners, device="cpu")
-    with pytest.raises(RunError, match="mics export"):
+    with pytest.raises(RunError, match=re.escape(f"write it with 'mics export --run {run_dir}' first")):
         predict_files(run_dir, images, engine="onnx")
     rows = predict_files(run_dir, [tmp_path / "missing.png"], device="cpu")
     assert rows == [
@@ -151,6 +156,17 @@ def test_predict_on_real_pairs_needs_the_partner(finished, tmp_path):
         "error"
         not in predict_files(run_dir, finished["images"][:1], finished["partners"][:1], device="cpu")[0]
     )
+
+
+def test_rows_name_each_input_and_round_to_six_places(finished):
+    run_dir, images, partners = finished["run_dir"], finished["images"][:4], finished["partners"][:4]
+    for given in (partners, None):
+        rows = predict_files(run_dir, images, given, device="cpu")
+        assert [r["image"] for r in rows] == [str(p) for p in images]
+        assert [r["partner"] for r in rows] == ([str(p) for p in partners] if given else [None] * 4)
+        values = [v for r in rows for v in (*r["probabilities"].values(), r["uncertainty"])]
+        assert all(v == round(v, 6) for v in values)
+        assert any(v != round(v, 5) for v in values)  # rounded to 6 places, not fewer
 
 
 def test_csv_and_json_outputs_hold_every_row_in_order():
