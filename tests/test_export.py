@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ pytest.importorskip("onnxruntime", reason="the export extra is not installed: pi
 from mics.data.errors import DataError  # noqa: E402
 from mics.export import export_onnx  # noqa: E402
 from mics.onnx_predict import OnnxModel, load_image  # noqa: E402
+from mics.pipeline import RunError  # noqa: E402
 from mics.predict import _decode, predict_files  # noqa: E402
 from tests.conftest import GI, MILK  # noqa: E402
 
@@ -173,6 +175,39 @@ def test_predict_engine_onnx_with_a_file_that_is_not_a_model_says_so(gi_smoke_ru
         capsys, "predict", "--run", gi_smoke_run, gi_images()[0], "--engine", "onnx", "--onnx", junk
     )
     assert code == 2 and "junk.onnx" in stderr and "mics export" in stderr
+
+
+def test_the_onnx_engine_refuses_what_its_graph_cannot_do(
+    gi_smoke_run, gi_onnx, milk_smoke_run, milk_onnx, monkeypatch
+):
+    a, b = milk_pairs()
+    with pytest.raises(
+        DataError, match=r"^this model was trained on real pairs: give each image's partner with --partner$"
+    ):
+        predict_files(milk_smoke_run, a[:1], engine="onnx")
+    with pytest.raises(
+        DataError,
+        match=re.escape(
+            f"{gi_onnx} generates the partner inside the graph and takes no --partner; "
+            "drop --partner or use --engine torch"
+        ),
+    ):
+        predict_files(gi_smoke_run, gi_images()[:1], gi_images()[1:2], engine="onnx", onnx_path=gi_onnx)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the export extra were not installed
+    with pytest.raises(
+        RunError, match=re.escape("the onnx engine needs onnxruntime: pip install 'mics[export]'")
+    ):
+        predict_files(milk_smoke_run, a[:1], b[:1], engine="onnx")
+
+
+def test_the_onnx_engine_predicts_the_images_after_a_bad_one(milk_smoke_run, milk_onnx, tmp_path):
+    a, b = milk_pairs()
+    bad = tmp_path / "broken__clinical.jpg"
+    bad.write_bytes(b"not an image")
+    rows = predict_files(milk_smoke_run, [a[0], bad, a[1]], [b[0], b[1], b[1]], engine="onnx")
+    assert "error" in rows[1] and "class" not in rows[1]
+    alone = predict_files(milk_smoke_run, [a[1]], [b[1]], engine="onnx")
+    assert max_prob_diff(rows[2:], alone) <= 2e-6  # the same image, predicted in another batch
 
 
 def test_export_of_an_unfinished_run_is_refused(capsys, tmp_path):
