@@ -201,6 +201,7 @@ def test_csv_and_json_outputs_hold_every_row_in_order():
         ["c.png", "", "x", "0.1", "0.9", "0.1", ""],
     ]
     assert json.loads(to_json(rows)) == rows
+    assert to_json(rows) == json.dumps(rows, indent=2)  # one field per line, for people reading it
     assert list(csv.reader(io.StringIO(to_csv([rows[1]])))) == [
         ["image", "partner", "class", "uncertainty", "error"],
         ["b.png", "", "", "", "b.png: no such file"],
