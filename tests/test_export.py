@@ -195,7 +195,7 @@ def test_the_onnx_engine_refuses_what_its_graph_cannot_do(
         predict_files(gi_smoke_run, gi_images()[:1], gi_images()[1:2], engine="onnx", onnx_path=gi_onnx)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the export extra were not installed
     with pytest.raises(
-        RunError, match=re.escape("the onnx engine needs onnxruntime: pip install 'mics[export]'")
+        RunError, match="^" + re.escape("the onnx engine needs onnxruntime: pip install 'mics[export]'") + "$"
     ):
         predict_files(milk_smoke_run, a[:1], b[:1], engine="onnx")
 
