@@ -219,6 +219,12 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
     duration: dict[str, float] = stats.get("duration_by_test", {})
     mapped = {t for tests_ in by_function.values() for t in tests_}
 
+    if group in REUSE_RUNS:
+        # train the reused runs now, with the original code and outside the timeout: --setup-only builds
+        # the fixtures without running a test (the mapping below then reuses them too)
+        os.environ["MUTANT_UNDER_TEST"] = ""  # mutmut's "no mutant"
+        pytest.main([*pool, "-q", "--setup-only", "-p", "no:cacheprovider"])
+
     class Collect:
         ids: list[str] = []
 
@@ -231,9 +237,6 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
     if unmapped:
         for function, tests_ in map_tests(unmapped, duration).items():
             by_function.setdefault(function, []).extend(tests_)
-    if group in REUSE_RUNS:  # train the reused runs now, with the original code and outside the timeout
-        os.environ["MUTANT_UNDER_TEST"] = ""  # mutmut's "no mutant"
-        pytest.main([*pool, "-q", "--tb=no", "-p", "no:cacheprovider"])
     counts: Counter[str] = Counter()
 
     timed_out = [False]

@@ -141,7 +141,6 @@ def test_predict_refuses_what_it_cannot_do_with_messages_that_say_what_to_do(fin
 
 
 def test_predict_on_real_pairs_needs_the_partner(finished, tmp_path):
-    import json
     import shutil
 
     from mics.data.errors import DataError
@@ -172,7 +171,6 @@ def test_rows_name_each_input_and_round_to_six_places(finished):
 def test_csv_and_json_outputs_hold_every_row_in_order():
     import csv
     import io
-    import json
 
     from mics.predict import to_csv, to_json
 
