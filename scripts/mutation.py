@@ -13,6 +13,7 @@ keeps what it has tested); ``--report`` only prints.
     python scripts/mutation.py svd finetune     # some groups
     python scripts/mutation.py --report         # the table of what has run so far
     python scripts/mutation.py train --recheck  # survivors again, all in one process (see recheck())
+    python scripts/mutation.py pipeline --recheck --unrun --sample 60  # a random sample of the untested
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import fnmatch
 import importlib.util
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -82,6 +84,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/test_pipeline_splits.py", "tests/test_pipeline_resume.py", "tests/test_pipeline_predict.py"],
     ),
 }
+SAMPLED = "sampled.txt"  # names of the mutants a --sample recheck drew, one per line
 KILLED = {1, 3, -9, -11}  # test failure, pytest internal error, killed by a signal (crash)
 STATUS = {0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout", 24: "timeout"}
 STATUS.update({-24: "timeout", 152: "timeout", 255: "timeout", 37: "type check"})
@@ -161,7 +164,7 @@ REUSE_RUNS = ("predict",)
 RECHECK_TIMEOUT_S = 180  # a mutant whose tests run longer than this (an endless loop) counts as a timeout
 
 
-def recheck(group: str, unrun: bool = False) -> Counter[str]:
+def recheck(group: str, unrun: bool = False, sample: int | None = None) -> Counter[str]:
     """Test the group's surviving mutants again in ONE process (``pytest.main`` per mutant, the mutant
     chosen through mutmut's own ``MUTANT_UNDER_TEST`` switch) and write each outcome into mutmut's
     results, as mutmut would. mutmut starts a process per mutant, which costs a ~30 s import of torch on
@@ -212,6 +215,12 @@ def recheck(group: str, unrun: bool = False) -> Counter[str]:
     before = results(group)
     todo = [n for n, c in before.items() if status(c) not in skip and n not in equivalent]
     todo.sort(key=lambda n: (before[n] is not None, n))  # the untested first: most of them die quickly
+    if sample is not None:
+        untested = [n for n in todo if before[n] is None]
+        random.Random(group).shuffle(untested)
+        todo = untested[:sample]
+        with (folder / SAMPLED).open("a", encoding="utf-8") as fh:
+            fh.writelines(f"{n}\n" for n in todo)
     # mutmut's map of which tests execute each function, completed by map_tests() for the tests written
     # after it was made; each mutant runs only the tests that execute its function
     stats = json.loads((mutants / "mutmut-stats.json").read_text(encoding="utf-8"))
@@ -411,11 +420,42 @@ def report(groups: list[str]) -> int:
         "\nkill rate = (killed + timeout) / (run - equivalent), as mutmut scores it: a mutant that makes the"
         "\ntests hang is caught (listed below all the same); 'alive' = survived, no test or suspicious"
     )
+    for group in groups:
+        estimate = sample_estimate(group, equivalent)
+        if estimate:
+            print(f"\n{estimate}")
     for module in sorted(survivors):
         print(f"\nsurvivors in {module} (see them with: cd mutation/<group> && mutmut show NAME):")
         for line in survivors[module]:
             print(f"  {line}")
     return sum(len(v) for v in survivors.values())
+
+
+def sample_estimate(group: str, equivalent: set[str]) -> str | None:
+    """The kill rate of a group's randomly sampled mutants (``--sample``), with its interval: the table's
+    rate is over every tested mutant, which for a partly run module need not be a random subset."""
+    path = WORK / group / SAMPLED
+    if not path.exists():
+        return None
+    names = set(path.read_text(encoding="utf-8").split())
+    codes = results(group)
+    c = Counter(
+        "equivalent" if n in equivalent and status(codes[n]) != "killed" else status(codes[n])
+        for n in names
+        if n in codes and codes[n] is not None
+    )
+    caught = c["killed"] + c["timeout"]
+    scored = caught + c["survived"] + c["no tests"] + c["suspicious"]
+    if not scored:
+        return None
+    from mics.card import wilson_interval
+
+    low, high = wilson_interval(caught, scored)
+    return (
+        f"{group}: random sample of {sum(c.values())} of its {len(codes)} mutants tested "
+        f"({c['equivalent']} equivalent): {caught} of {scored} caught, estimated kill rate "
+        f"{100 * caught / scored:.1f} % (95 % Wilson interval {100 * low:.1f}-{100 * high:.1f} %)"
+    )
 
 
 def _row(name: str, c: Counter[str]) -> str:
@@ -447,6 +487,12 @@ def main() -> int:
     parser.add_argument(
         "--unrun", action="store_true", help="with --recheck: also the mutants mutmut has not tested yet"
     )
+    parser.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="with --recheck --unrun: only N of the untested mutants, drawn at random (slow modules)",
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.groups) - set(GROUPS))
     if unknown:
@@ -458,7 +504,9 @@ def main() -> int:
     if args.recheck:
         if len(groups) != 1:
             parser.error("--recheck takes exactly one group")
-        print(dict(recheck(groups[0], unrun=args.unrun)), file=sys.stderr)
+        if args.sample is not None and (not args.unrun or args.sample < 1):
+            parser.error("--sample takes a positive N and goes with --unrun")
+        print(dict(recheck(groups[0], unrun=args.unrun, sample=args.sample)), file=sys.stderr)
     elif not args.report:
         for group in groups:
             folder = prepare(group)

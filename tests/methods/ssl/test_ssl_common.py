@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from mics.config import SSLConfig
-from mics.methods.ssl import ALGORITHMS, build_algorithm, known_params
+from mics.methods.ssl import ALGORITHMS, base, build_algorithm, known_params
 from mics.methods.ssl.base import MaskedConsistencyLoss, last_occurrence, masked_consistency_loss
 
 NUM_CLASSES = 4
 NUM_UNLABELLED = 12
 FEAT_DIM = 6
 TOTAL_STEPS = 20
+STATEFUL = ["flexmatch", "freematch", "softmatch", "habit", "siabc"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -174,8 +175,40 @@ def test_inputs_are_validated() -> None:
         flex.unlabelled_loss(good, good, torch.tensor([0, 5]), 0, 1)
     with pytest.raises(ValueError, match="y must be"):
         algo.supervised_loss(good, torch.zeros(2))
-    with pytest.raises(ValueError, match="threshold"):
-        build_algorithm("fixmatch", 3, 5, SSLConfig(threshold=1.5))
+    for threshold in (1.5, 0.0, -0.1):
+        with pytest.raises(ValueError, match=rf"^fixmatch: threshold must lie in \(0, 1\], got {threshold}$"):
+            build_algorithm("fixmatch", 3, 5, SSLConfig(threshold=threshold))
+    build_algorithm("fixmatch", 3, 5, SSLConfig(threshold=1.0))  # the bound itself is allowed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_classes": 1}, "num_classes must be at least 2, got 1"),
+        ({"num_unlabelled": -1}, "num_unlabelled must be non-negative, got -1"),
+        ({"cfg": SSLConfig(lambda_u=-0.5)}, "lambda_u must be non-negative, got -0.5"),
+        ({"cfg": SSLConfig(temperature=0.0)}, "temperature must be positive, got 0.0"),
+    ],
+)
+def test_constructor_refuses_each_bad_setting_with_its_message(kwargs: dict, message: str) -> None:
+    args = {"num_classes": 3, "num_unlabelled": 5, "cfg": SSLConfig(), **kwargs}
+    with pytest.raises(ValueError, match=f"^softmatch: {message}$"):
+        build_algorithm("softmatch", args["num_classes"], args["num_unlabelled"], args["cfg"])
+
+
+def test_constructor_accepts_the_edges_of_each_range() -> None:
+    build_algorithm("fixmatch", 2, 0, SSLConfig(lambda_u=0.0, threshold=1.0, temperature=0.01))
+    algo = build_algorithm("fixmatch", 2, 0, SSLConfig(lambda_u=0.5))
+    assert algo.lambda_u == 0.5
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_state_tensors_follow_the_device_of_the_logits(name: str) -> None:
+    # the meta device stands in for an accelerator: the move is observable on a CPU-only machine
+    algo = build_algorithm(name, NUM_CLASSES, NUM_UNLABELLED, _config())
+    assert algo.TENSOR_STATE
+    algo._to_device(torch.device("meta"))
+    assert all(getattr(algo, key).device.type == "meta" for key in algo.TENSOR_STATE)
 
 
 def test_supervised_loss_is_mean_cross_entropy() -> None:
@@ -226,8 +259,16 @@ def test_masked_consistency_loss_matches_loop_for_hard_and_soft_targets() -> Non
     )
     with pytest.raises(ValueError, match="mask must be"):
         module(logits, hard, mask[:3])
-    with pytest.raises(ValueError, match="soft targets"):
+    with pytest.raises(ValueError, match=r"^soft targets must be \[B, C\]=\(5, 4\), got \(5, 3\)$"):
         module(logits, soft[:, :3], mask)
+    with pytest.raises(ValueError, match=r"^logits_s must be \[B, C\], got shape \(5, 4, 1\)$"):
+        module(logits[..., None], hard, mask)
+    # hard targets: the wrong length (integers) and the right length (floats) are each refused
+    for bad, shape in ((hard[:4], "(4,)"), (hard.double(), "(5,)")):
+        with pytest.raises(
+            ValueError, match=rf"^hard targets must be \[B\]=5 integers, got \{shape[:-1]}\)$"
+        ):
+            module(logits, bad, mask)
 
 
 def test_last_occurrence_keeps_the_last_position_of_each_index() -> None:
@@ -244,7 +285,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-STATEFUL = ["flexmatch", "freematch", "softmatch", "habit", "siabc"]
+class _RankZeroOfTwo:
+    """``torch.distributed`` as rank 0 of a two-process run sees it, in this process: ``all_gather``
+    checks what the real one requires (one output per rank, every rank's tensor of one shape and dtype)
+    and hands back this rank's tensor and the peer's, which the peer pads as the code under test does."""
+
+    def __init__(self, peer: torch.Tensor) -> None:
+        self.peer = peer
+        self.calls = 0
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_world_size(self) -> int:
+        return 2
+
+    def all_gather(self, out: list[torch.Tensor], tensor: torch.Tensor) -> None:
+        assert len(out) == 2 and all(o.shape == tensor.shape and o.dtype == tensor.dtype for o in out)
+        self.calls += 1
+        if self.calls == 1:  # the exchange of batch sizes
+            assert tensor.dtype == torch.int64 and tensor.shape == (1,)
+            out[0].copy_(tensor)
+            out[1].fill_(self.peer.shape[0])
+            return
+        longest = max(int(out[0].shape[0]), self.peer.shape[0])
+        assert tensor.shape[0] == longest, "every rank must send a batch padded to the longest"
+        peer = torch.zeros_like(tensor)
+        peer[: self.peer.shape[0]] = self.peer
+        out[0].copy_(tensor)
+        out[1].copy_(peer)
+
+
+@pytest.mark.parametrize(("mine", "theirs"), [(3, 2), (2, 3), (2, 2)])
+def test_gather_across_ranks_concatenates_in_rank_order_and_trims_the_padding(
+    monkeypatch: pytest.MonkeyPatch, mine: int, theirs: int
+) -> None:
+    local = torch.arange(1.0, 1.0 + 2 * mine).view(mine, 2).requires_grad_()
+    peer = -torch.arange(1.0, 1.0 + 2 * theirs).view(theirs, 2)
+    fake = _RankZeroOfTwo(peer)
+    monkeypatch.setattr(base, "dist", fake)
+    got = base.gather_across_ranks(local)
+    assert fake.calls == 2
+    assert torch.equal(got, torch.cat([local.detach(), peer]))
+    assert not got.requires_grad
+    # outside a multi-process run (each condition alone, the others as in one): the tensor itself
+    for attr, value in (("is_available", False), ("is_initialized", False), ("get_world_size", 1)):
+        with monkeypatch.context() as m:
+            m.setattr(fake, attr, lambda value=value: value)
+            assert base.gather_across_ranks(local) is local, attr
+    assert fake.calls == 2
 
 
 def _ddp_worker(rank: int, world: int, port: int, results: dict) -> None:
@@ -311,3 +403,47 @@ def test_running_state_under_ddp_equals_a_single_process_on_the_global_batch() -
                     torch.testing.assert_close(got, value, msg=f"{name}.{key} on rank {rank}")
                 else:
                     assert got == value, (name, key)
+
+
+LOG_KEYS = {
+    "supervised": {"mask_rate"},
+    "fixmatch": {"mask_rate", "threshold", "unsup_loss"},
+    "flexmatch": {"mask_rate", "threshold", "unsup_loss", "unused_rate"},
+    "dash": {"hard_label", "mask_rate", "threshold", "unsup_loss", "warmup"},
+    "freematch": {"class_threshold_min", "fairness_loss", "mask_rate", "threshold", "unsup_loss"},
+    "softmatch": {"mask_rate", "threshold", "unsup_loss", "var"},
+    "habit": {"mask_rate", "recalibration_loss", "rfc_loss", "threshold", "unsup_loss"},
+    "siabc": {"class_threshold_min", "fairness_loss", "mask_rate", "threshold", "unsup_loss"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOG_KEYS))
+def test_logs_name_the_same_scalars_at_every_step(name: str) -> None:
+    # the training loop writes these names into metrics.jsonl and TensorBoard: a renamed key is a lost curve
+    algo = build_algorithm(name, NUM_CLASSES, NUM_UNLABELLED, _config())
+    head = _head("cpu")
+    for step in range(4):
+        out = _run_step(algo, step, "cpu", head)
+        warm = name == "dash" and step < 2
+        assert set(out.logs) == ({"mask_rate", "warmup"} if warm else LOG_KEYS[name]), step
+        assert all(isinstance(v, float) for v in out.logs.values())
+        assert out.logs["mask_rate"] == pytest.approx(float(out.mask.mean()))
+        if name == "dash":
+            assert out.logs["warmup"] == (1.0 if warm else 0.0)
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "flexmatch", "dash", "softmatch"])
+def test_loss_is_lambda_u_times_the_masked_consistency_of_its_own_outputs(name: str) -> None:
+    cfg = SSLConfig(lambda_u=2.5, params=_config().params)
+    algo = build_algorithm(name, NUM_CLASSES, NUM_UNLABELLED, cfg)
+    for step in range(4):
+        b = _batch(step, "cpu")
+        algo.observe_supervised(1.0, step)
+        out = algo.unlabelled_loss(b["logits_w"], b["logits_s"], b["idx"], step, TOTAL_STEPS)
+        targets = out.pseudo_labels
+        if out.logs.get("hard_label", 1.0) == 0.0:  # Dash's soft phase: sharpened softmax targets
+            targets = torch.softmax(b["logits_w"] / cfg.temperature, dim=-1)
+        consistency = masked_consistency_loss(b["logits_s"], targets, out.mask)
+        assert out.loss.item() == pytest.approx(2.5 * consistency.item(), rel=1e-6)
+        if "unsup_loss" in out.logs:
+            assert out.logs["unsup_loss"] == pytest.approx(consistency.item(), rel=1e-6)

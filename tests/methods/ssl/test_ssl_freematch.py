@@ -10,7 +10,7 @@ import torch
 
 from mics.config import SSLConfig
 from mics.methods.ssl import build_algorithm
-from mics.methods.ssl.freematch import FairnessLoss, fairness_loss
+from mics.methods.ssl.freematch import FairnessLoss, fairness_loss, self_adaptive_mask
 
 
 def _log(rows: list[list[float]]) -> torch.Tensor:
@@ -96,3 +96,14 @@ def test_loss_combines_consistency_and_weighted_fairness() -> None:
     expected = 2.0 * out.logs["unsup_loss"] + 0.5 * out.logs["fairness_loss"]
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
     assert out.logs["fairness_loss"] < 0
+
+
+def test_self_adaptive_mask_keeps_a_confidence_equal_to_its_threshold() -> None:
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.2, 0.2, 0.6]])
+    mask, thresholds = self_adaptive_mask(probs, torch.tensor(0.5), torch.tensor([0.5, 1.0, 0.25]))
+    # tau * MaxNorm(p_tilde) = (0.25, 0.5, 0.125): row 1 sits exactly on its class's threshold
+    assert thresholds.tolist() == [0.25, 0.5, 0.125]
+    assert mask.tolist() == [1.0, 1.0, 1.0]
+    mask, _ = self_adaptive_mask(probs, torch.tensor(0.52), torch.tensor([0.5, 1.0, 0.25]))
+    # thresholds (0.26, 0.52, 0.13): the second row now falls just short
+    assert mask.tolist() == [1.0, 0.0, 1.0]

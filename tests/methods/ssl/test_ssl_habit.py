@@ -137,3 +137,10 @@ def test_ema_decay_uses_the_last_consistency_loss() -> None:
     expected = 0.999 * (1 - 0.1 * 0.999 * 0.5 / (1 + math.exp(-consistency)))
     assert algo.ema_decay(0.999, net, net) == pytest.approx(expected, rel=1e-9)
     assert _habit(cmh=0.0).ema_decay(0.999, net, net) == 0.999
+
+
+def test_compensation_of_classes_already_at_the_target_is_empty_and_typed() -> None:
+    feats = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    synth, labels = compensation_features(feats, torch.tensor([0, 1]), 2, 1, 0.1, torch.Generator())
+    assert synth.shape == (0, 2) and synth.dtype == feats.dtype
+    assert labels.shape == (0,) and labels.dtype == torch.long  # cat with the batch's labels stays long

@@ -10,7 +10,7 @@ import torch
 
 from mics.config import SSLConfig
 from mics.methods.ssl import build_algorithm
-from mics.methods.ssl.siabc import otsu_split
+from mics.methods.ssl.siabc import otsu_split, super_augment
 
 
 def _log(rows: list[list[float]]) -> torch.Tensor:
@@ -206,3 +206,20 @@ def test_mix_batch_runs_on_the_images_device_with_any_generator(
     assert x_out.shape == (4, 3, 4, 4) and y_out.shape == (4, 3)
     assert not torch.equal(x_s[0], x_u[0]) and torch.equal(x_s[1:], x_u[1:])
     assert torch.allclose(y_out.sum(dim=1), torch.ones(4, device=device))
+
+
+def test_super_augmentation_draws_one_mask_per_image() -> None:
+    x = torch.full((4, 3, 16, 16), 3.0)
+    out = super_augment(x, 0.5, 0.0, torch.Generator().manual_seed(0))
+    zeroed = out[:, 0] == 0.0  # [B, H, W]
+    assert all(torch.equal(out[:, c] == 0.0, zeroed) for c in range(3))
+    # independent per image: no two images share their mask (each has 256 pixels dropped at 0.5)
+    assert all(not torch.equal(zeroed[i], zeroed[j]) for i in range(4) for j in range(i + 1, 4))
+
+
+def test_otsu_split_between_the_last_two_values_takes_their_midpoint() -> None:
+    # the best cut leaves only the largest value above it: the upper neighbour is the row's last entry
+    threshold, separable = otsu_split(
+        torch.tensor([[0.0, 0.0, 0.0, 10.0]]), torch.ones(1, 4, dtype=torch.bool)
+    )
+    assert threshold.tolist() == [5.0] and separable.tolist() == [True]

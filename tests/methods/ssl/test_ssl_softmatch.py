@@ -67,3 +67,12 @@ def test_running_mean_prediction_is_an_ema_after_the_first_batch() -> None:
     assert algo.var.item() == 1.0  # a single sample has no variance: kept
     algo.unlabelled_loss(_log([[0.4, 0.6]]), torch.zeros(1, 2), torch.arange(1), 1, 2)
     assert algo.p_model.tolist() == pytest.approx([0.76, 0.24], abs=1e-6)
+
+
+def test_uniform_alignment_offsets_both_terms_by_one_millionth() -> None:
+    # a class the model almost never predicts: the offset in the denominator decides the weight
+    probs = torch.tensor([[0.5, 0.49999, 0.00001]], dtype=torch.float64)
+    p_model = torch.tensor([0.6, 0.39999, 0.00001], dtype=torch.float64)
+    raw = probs.numpy() * (1 / 3 + 1e-6) / (p_model.numpy() + 1e-6)
+    expected = raw / raw.sum(axis=1, keepdims=True)
+    assert uniform_alignment(probs, p_model).numpy() == pytest.approx(expected, rel=1e-9)
