@@ -207,7 +207,10 @@ def test_state_tensors_follow_the_device_of_the_logits(name: str) -> None:
     # the meta device stands in for an accelerator: the move is observable on a CPU-only machine
     algo = build_algorithm(name, NUM_CLASSES, NUM_UNLABELLED, _config())
     assert algo.TENSOR_STATE
+    state = algo.state_dict()
     algo._to_device(torch.device("meta"))
+    assert all(getattr(algo, key).device.type == "meta" for key in algo.TENSOR_STATE)
+    algo.load_state_dict(state)  # a resumed state lands where the state already lives
     assert all(getattr(algo, key).device.type == "meta" for key in algo.TENSOR_STATE)
 
 

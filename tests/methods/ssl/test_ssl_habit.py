@@ -44,6 +44,7 @@ def test_queue_keeps_the_last_batches_only() -> None:
         probe = np.array(rows[0]) / np.mean(history, axis=0)
         probe /= probe.sum()
         out = algo.unlabelled_loss(_log(rows), torch.zeros(1, 2), torch.arange(1), step, 4)
+        assert algo.queue_filled == min(step + 1, 2) and algo.queue_next == (step + 1) % 2
         assert out.logs["threshold"] == 0.5
         assert out.mask.item() == float(probe.max() >= 0.5)
     assert algo.queue_filled == 2
@@ -101,6 +102,15 @@ def test_rfc_trains_the_classifier_on_confident_pseudo_labelled_features() -> No
     assert again.logs["rfc_loss"] == out.logs["rfc_loss"]
     with pytest.raises(ValueError, match="classifier"):
         algo.unlabelled_loss(logits_w, torch.zeros(3, 2), torch.arange(3), 0, 10, feats, feats)
+    # another seed, another stream: seed * 1_000_003 + step keeps (seed, step) pairs apart
+    seeded = build_algorithm("habit", 2, 10, SSLConfig(params={"dist_align": 0.0, "seed": 2.0}))
+    out = seeded.unlabelled_loss(
+        logits_w, torch.zeros(3, 2), torch.arange(3), 7, 10, feats, feats, classifier=head
+    )
+    gen = torch.Generator().manual_seed(2 * 1_000_003 + 7)
+    synth, synth_labels = compensation_features(feats[:2], torch.tensor([0, 0]), 2, 3, 1e-6, gen)
+    expected_rfc = torch.nn.functional.cross_entropy(head(synth), synth_labels).item()
+    assert out.logs["rfc_loss"] == pytest.approx(expected_rfc, rel=1e-5)
 
 
 def test_loss_is_lambda_times_the_sum_of_its_terms() -> None:

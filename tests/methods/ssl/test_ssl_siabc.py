@@ -10,7 +10,7 @@ import torch
 
 from mics.config import SSLConfig
 from mics.methods.ssl import build_algorithm
-from mics.methods.ssl.siabc import otsu_split, super_augment
+from mics.methods.ssl.siabc import cross_set_mix, otsu_split, super_augment
 
 
 def _log(rows: list[list[float]]) -> torch.Tensor:
@@ -223,3 +223,29 @@ def test_otsu_split_between_the_last_two_values_takes_their_midpoint() -> None:
         torch.tensor([[0.0, 0.0, 0.0, 10.0]]), torch.ones(1, 4, dtype=torch.bool)
     )
     assert threshold.tolist() == [5.0] and separable.tolist() == [True]
+
+
+def test_otsu_split_of_a_single_entry_is_not_separable() -> None:
+    threshold, separable = otsu_split(torch.tensor([[3.0]]), torch.ones(1, 1, dtype=torch.bool))
+    assert threshold.tolist() == [3.0] and separable.tolist() == [False]
+
+
+def test_cross_set_mix_without_a_generator_draws_from_the_global_rng() -> None:
+    x_pool, y_pool = torch.randn(3, 3, 2, 2), torch.eye(3)
+    x_u, probs_u = torch.randn(2, 3, 2, 2), torch.full((2, 3), 1 / 3)
+    torch.manual_seed(5)
+    first = cross_set_mix(x_pool, y_pool, x_u, probs_u, 4, None)
+    torch.manual_seed(5)
+    second = cross_set_mix(x_pool, y_pool, x_u, probs_u, 4, None)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert first[0].shape == (4, 3, 2, 2) and first[1].shape == (4, 3)
+
+
+def test_loss_is_lambda_u_consistency_plus_lambda_f_fairness() -> None:
+    algo = build_algorithm("siabc", 3, 10, SSLConfig(lambda_u=2.0, params={"lambda_f": 0.3}))
+    logits_w = _log([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+    logits_s = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.2, 0.0, 0.1]])
+    out = algo.unlabelled_loss(logits_w, logits_s, torch.arange(3), 0, 4)
+    assert out.logs["fairness_loss"] != 0.0
+    expected = 2.0 * out.logs["unsup_loss"] + 0.3 * out.logs["fairness_loss"]
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
