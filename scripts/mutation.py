@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,9 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/test_pipeline_splits.py", "tests/test_pipeline_resume.py", "tests/test_pipeline_predict.py"],
     ),
 }
-SAMPLED = "sampled.txt"  # names of the mutants a --sample recheck drew, one per line
+# the draws of --sample: per draw a "# draw ..." line, then "NAME EXIT_CODE" per mutant as it is tested,
+# so the outcome against the suite of the time stays on record when later tests kill the survivors
+SAMPLED = "sampled.txt"
 KILLED = {1, 3, -9, -11}  # test failure, pytest internal error, killed by a signal (crash)
 STATUS = {0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout", 24: "timeout"}
 STATUS.update({-24: "timeout", 152: "timeout", 255: "timeout", 37: "type check"})
@@ -219,8 +222,13 @@ def recheck(group: str, unrun: bool = False, sample: int | None = None) -> Count
         untested = [n for n in todo if before[n] is None]
         random.Random(group).shuffle(untested)
         todo = untested[:sample]
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "tests"], cwd=ROOT, check=False)
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         with (folder / SAMPLED).open("a", encoding="utf-8") as fh:
-            fh.writelines(f"{n}\n" for n in todo)
+            fh.write(f"# draw {stamp}, tests of {commit}{' + uncommitted' if dirty.returncode else ''}\n")
     # mutmut's map of which tests execute each function, completed by map_tests() for the tests written
     # after it was made; each mutant runs only the tests that execute its function
     stats = json.loads((mutants / "mutmut-stats.json").read_text(encoding="utf-8"))
@@ -279,6 +287,9 @@ def recheck(group: str, unrun: bool = False, sample: int | None = None) -> Count
         counts[status(code)] += 1
         print(f"[{i}/{len(todo)}] {name}: {status(code)}", file=sys.stderr, flush=True)
         _store(mutants, {name: code})  # after each mutant: an interrupted recheck keeps what it found
+        if sample is not None:
+            with (folder / SAMPLED).open("a", encoding="utf-8") as fh:
+                fh.write(f"{name} {code}\n")
     os.environ.pop("MUTANT_UNDER_TEST", None)
     os.chdir(ROOT)
     return counts
@@ -420,10 +431,9 @@ def report(groups: list[str]) -> int:
         "\nkill rate = (killed + timeout) / (run - equivalent), as mutmut scores it: a mutant that makes the"
         "\ntests hang is caught (listed below all the same); 'alive' = survived, no test or suspicious"
     )
-    for group in groups:
-        estimate = sample_estimate(group, equivalent)
-        if estimate:
-            print(f"\n{estimate}")
+    estimates = [line for group in groups for line in sample_estimates(group, equivalent)]
+    if estimates:
+        print("\n" + "\n".join(estimates))
     for module in sorted(survivors):
         print(f"\nsurvivors in {module} (see them with: cd mutation/<group> && mutmut show NAME):")
         for line in survivors[module]:
@@ -431,31 +441,38 @@ def report(groups: list[str]) -> int:
     return sum(len(v) for v in survivors.values())
 
 
-def sample_estimate(group: str, equivalent: set[str]) -> str | None:
-    """The kill rate of a group's randomly sampled mutants (``--sample``), with its interval: the table's
-    rate is over every tested mutant, which for a partly run module need not be a random subset."""
-    path = WORK / group / SAMPLED
-    if not path.exists():
-        return None
-    names = set(path.read_text(encoding="utf-8").split())
-    codes = results(group)
-    c = Counter(
-        "equivalent" if n in equivalent and status(codes[n]) != "killed" else status(codes[n])
-        for n in names
-        if n in codes and codes[n] is not None
-    )
-    caught = c["killed"] + c["timeout"]
-    scored = caught + c["survived"] + c["no tests"] + c["suspicious"]
-    if not scored:
-        return None
+def sample_estimates(group: str, equivalent: set[str]) -> list[str]:
+    """Per ``--sample`` draw: the kill rate of its mutants when they were drawn, with its 95 % Wilson
+    interval (an unbiased estimate of the whole module's rate for the suite of that time, equivalents as
+    listed now), and the same mutants now. The table's rate is over every tested mutant, which for a
+    partly run module need not be a random subset."""
     from mics.card import wilson_interval
 
-    low, high = wilson_interval(caught, scored)
-    return (
-        f"{group}: random sample of {sum(c.values())} of its {len(codes)} mutants tested "
-        f"({c['equivalent']} equivalent): {caught} of {scored} caught, estimated kill rate "
-        f"{100 * caught / scored:.1f} % (95 % Wilson interval {100 * low:.1f}-{100 * high:.1f} %)"
-    )
+    path = WORK / group / SAMPLED
+    if not path.exists():
+        return []
+    draws: list[tuple[str, dict[str, int]]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            draws.append((line.lstrip("# "), {}))
+        elif line.strip() and draws:
+            name, code = line.split()
+            draws[-1][1][name] = int(code)
+    now = results(group)
+    lines = []
+    for header, outcome in draws:
+        scored = [n for n in outcome if not (n in equivalent and status(outcome[n]) != "killed")]
+        if not scored:
+            continue
+        caught = sum(status(outcome[n]) in ("killed", "timeout") for n in scored)
+        caught_now = sum(status(now.get(n)) in ("killed", "timeout") for n in scored)
+        low, high = wilson_interval(caught, len(scored))
+        lines.append(
+            f"{group} {header}: {len(outcome)} random mutants, {len(outcome) - len(scored)} equivalent; "
+            f"{caught} of {len(scored)} caught when drawn, {100 * caught / len(scored):.1f} % "
+            f"(95 % Wilson interval {100 * low:.1f}-{100 * high:.1f} %); {caught_now} caught now"
+        )
+    return lines
 
 
 def _row(name: str, c: Counter[str]) -> str:
