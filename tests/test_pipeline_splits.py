@@ -3,6 +3,8 @@ batch (pre-training, SVD, fine-tuning, baselines), and model selection reads the
 
 from __future__ import annotations
 
+import json
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -90,6 +92,10 @@ def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way)
     assert reads.get("select") == val
     assert not (seen | reads.get("select") | reads.get("fit")) & test
     assert reads.get(None) == val | test  # the final metrics, after training
+    # the run folder says which baseline made it (bench rows and `mics report` read it from there)
+    meta = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
+    assert meta["method"] == f"fixmatch/{way}"
+    assert meta["git_commit"] == pipeline.git_commit()
 
 
 def test_supervised_baseline_reads_only_labelled_images(tmp_path, monkeypatch):
@@ -119,3 +125,12 @@ def test_labelled_subset_is_drawn_from_train_only(tmp_path):
     train, val, test, labelled = _splits(ctx)
     assert labelled == train  # 100 % labels: all of train, and still nothing of val or test
     assert np.isin(list(labelled), list(val | test)).sum() == 0
+
+
+def test_git_commit_is_the_short_hash_of_the_checkout() -> None:
+    here = Path(pipeline.__file__).resolve().parent
+    probe = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
+    if probe.returncode != 0:
+        pytest.skip("the package is not inside a git checkout (installed from a wheel)")
+    commit = pipeline.git_commit()
+    assert commit == probe.stdout.strip() and len(commit) < 40
