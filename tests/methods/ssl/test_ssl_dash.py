@@ -108,3 +108,14 @@ def test_rho_window_one_is_the_mean_over_the_whole_warmup() -> None:
 def test_rho_window_must_be_a_fraction() -> None:
     with pytest.raises(ValueError, match="rho_window_frac"):
         build_algorithm("dash", 3, 10, SSLConfig(params={"rho_window_frac": 0.0}))
+
+
+def test_warmup_from_the_fraction_of_the_run_when_no_fixed_length_is_set() -> None:
+    algo = build_algorithm("dash", 3, 10, SSLConfig(params={"warmup_frac": 0.25}))
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    warm = []
+    for step in range(8):
+        algo.observe_supervised(1.0, step)
+        out = algo.unlabelled_loss(logits, logits, torch.arange(2), step, 8)
+        warm.append(out.logs["warmup"])
+    assert algo.warmup_steps(8) == 2 and warm == [1.0, 1.0] + [0.0] * 6

@@ -154,3 +154,30 @@ def test_compensation_of_classes_already_at_the_target_is_empty_and_typed() -> N
     synth, labels = compensation_features(feats, torch.tensor([0, 1]), 2, 1, 0.1, torch.Generator())
     assert synth.shape == (0, 2) and synth.dtype == feats.dtype
     assert labels.shape == (0,) and labels.dtype == torch.long  # cat with the batch's labels stays long
+
+
+def test_recalibration_band_includes_its_lower_edge_only() -> None:
+    logits_w = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    logits_s = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # cosine 1 each
+    value = recalibration_loss(logits_w, logits_s, torch.tensor([0.95, 0.98, 0.94]), 0.95, 0.98)
+    assert value.item() == pytest.approx(-1 / 3, rel=1e-5)  # only the score equal to low counts
+
+
+def test_consistency_for_the_ema_decay_is_averaged_over_the_global_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mics.methods.ssl.habit as habit
+
+    peer = torch.tensor([7.0, 9.0])
+
+    def two_ranks(t: torch.Tensor) -> torch.Tensor:
+        assert t.dim() >= 1, "a per-sample [B] tensor is exchanged, not its mean"
+        return torch.cat([t, peer.to(t.dtype)]) if t.dim() == 1 else torch.cat([t, t])
+
+    monkeypatch.setattr(habit, "gather_across_ranks", two_ranks)
+    algo = build_algorithm("habit", 2, 10, SSLConfig(params={"dist_align": 0.0, "rfc": 0.0}))
+    logits_w = _log([[0.99, 0.01], [0.2, 0.8]])
+    logits_s = torch.tensor([[0.5, 0.0], [0.0, 0.3]])
+    algo.unlabelled_loss(logits_w, logits_s, torch.arange(2), 0, 4)
+    mine = torch.nn.functional.cross_entropy(logits_s, torch.tensor([0, 1]), reduction="none")
+    assert algo.last_consistency == pytest.approx(torch.cat([mine, peer]).mean().item(), rel=1e-6)

@@ -249,3 +249,37 @@ def test_loss_is_lambda_u_consistency_plus_lambda_f_fairness() -> None:
     assert out.logs["fairness_loss"] != 0.0
     expected = 2.0 * out.logs["unsup_loss"] + 0.3 * out.logs["fairness_loss"]
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_running_estimates_start_uniform() -> None:
+    algo = _siabc(num_classes=4)
+    assert algo.tau.item() == pytest.approx(0.25)
+    assert algo.p_tilde.tolist() == [0.25] * 4 and algo.label_hist.tolist() == [0.25] * 4
+
+
+def test_cross_set_mix_draws_only_from_its_generator() -> None:
+    x_pool, y_pool = torch.randn(3, 3, 2, 2), torch.eye(3)
+    x_u, probs_u = torch.randn(2, 3, 2, 2), torch.full((2, 3), 1 / 3)
+    outs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)  # the global RNG differs, the generator does not
+        outs.append(cross_set_mix(x_pool, y_pool, x_u, probs_u, 4, torch.Generator().manual_seed(9)))
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+
+
+def test_an_unlabelled_view_at_exactly_the_list_threshold_does_not_join_the_pool() -> None:
+    x_l = torch.ones(4, 3, 2, 2)  # labelled images all ones, unlabelled all zeros: a mixture is all
+    x_u = torch.zeros(1, 3, 2, 2)  # zeros exactly when its pool image is the unlabelled one
+    logits_u = torch.log(torch.tensor([[0.75, 0.25]]))
+    confidence = float(torch.softmax(logits_u / 1.0, dim=-1).max())  # as mix_batch computes it (T = 1)
+
+    def pool_took_the_unlabelled_view(list_threshold: float) -> bool:
+        algo = _siabc(sab=0.0, num_classes=2, list_threshold=list_threshold, T=1.0)
+        gen = torch.Generator().manual_seed(0)
+        x_out, _, _, _ = algo.mix_batch(
+            x_l, torch.zeros(4, dtype=torch.long), x_u, x_u, logits_u, gen, torch.tensor([0])
+        )
+        return bool((x_out[4:].flatten(1) == 0).all(dim=1).any())
+
+    assert pool_took_the_unlabelled_view(confidence - 1e-3)  # above the threshold: drawn with this seed
+    assert not pool_took_the_unlabelled_view(confidence)  # equal to it: not confident
