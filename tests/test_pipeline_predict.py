@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from mics import pipeline
-from mics.config import preset
+from mics.config import dump_yaml, load_yaml, preset
 from mics.data.views import to_float
 from mics.eval.metrics import classification_metrics
 from mics.predict import predict_files
@@ -204,3 +205,18 @@ def test_csv_and_json_outputs_hold_every_row_in_order():
         ["image", "partner", "class", "uncertainty", "error"],
         ["b.png", "", "", "", "b.png: no such file"],
     ]
+
+
+def test_a_run_of_the_first_version_loads_with_its_separate_fused_evidence_head(finished, tmp_path):
+    # the first version's fused evidence came from its own head, before the config had a field for it:
+    # such weights are loaded as "head" whatever the config says
+    old = tmp_path / "old"
+    shutil.copytree(finished["run_dir"], old)
+    cfg = load_yaml(old / "config.yaml")
+    assert cfg.finetune.fused_evidence == "head"
+    dump_yaml(replace(cfg, finetune=replace(cfg.finetune, fused_evidence="classifier")), old / "config.yaml")
+    model, info = pipeline.load_finetuned(old, torch.device("cpu"))
+    assert info["cfg"].finetune.fused_evidence == "head"
+    reference, _ = pipeline.load_finetuned(finished["run_dir"], torch.device("cpu"))
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())

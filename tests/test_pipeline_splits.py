@@ -7,12 +7,14 @@ import json
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from mics import pipeline
 from mics.config import preset
+from mics.engine.train import Schedule
 from tests.conftest import GI
 from tests.pipeline_spies import Reads, phased_fit, recording
 
@@ -36,9 +38,21 @@ def _splits(ctx: pipeline.RunContext) -> tuple[set[int], set[int], set[int], set
     return set(s.train), set(s.val), set(s.test), set(ctx.labelled)
 
 
+def _recorded_schedules(monkeypatch: pytest.MonkeyPatch) -> list[Schedule]:
+    schedules: list[Schedule] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Schedule:
+        schedules.append(Schedule(*args, **kwargs))
+        return schedules[-1]
+
+    monkeypatch.setattr(pipeline, "Schedule", recording)
+    return schedules
+
+
 def test_mics_stages_read_only_their_split(tmp_path, monkeypatch):
     reads = Reads()
     monkeypatch.setattr(pipeline, "fit", phased_fit(pipeline.fit, reads))
+    schedules = _recorded_schedules(monkeypatch)
     ctx = _spied_context(GI, tmp_path / "run", reads)
     train, val, test, labelled = _splits(ctx)
     assert labelled < train and not train & val and not train & test and not val & test
@@ -62,10 +76,18 @@ def test_mics_stages_read_only_their_split(tmp_path, monkeypatch):
     assert len(tuned) > len(labelled) // 2
     assert reads.get("select") == val, "model selection must read the val split"
     assert not reads.all() & test
+    # fine-tuning evaluates (and selects) the EMA weights at the configured decay
+    assert schedules[-1].ema == CFG.finetune.ema is not None
 
     reads.clear()
     pipeline.evaluate(ctx)
     assert reads.all() == val | test  # the test split is read here, once the model is chosen
+    # the features of the test split, for the UMAP figure, and the predictions of both splits
+    saved = np.load(ctx.run_dir / "test_features.npz")
+    assert saved["labels"].tolist() == ctx.labels[np.asarray(ctx.split.test)].tolist()
+    assert saved["features"].shape[0] == len(test)
+    for name, split in (("val", val), ("test", test)):
+        assert np.load(ctx.run_dir / f"{name}_predictions.npz")["labels"].shape == (len(split),)
 
 
 @pytest.mark.parametrize("way", ["standard", "multimodal"])
@@ -83,6 +105,7 @@ def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way)
 
     monkeypatch.setattr(pipeline, "init_run", spied_init_run)
     monkeypatch.setattr(pipeline, "fit", phased_fit(pipeline.fit, reads))
+    schedules = _recorded_schedules(monkeypatch)
     cfg = replace(CFG, ssl=replace(CFG.ssl, iterations=6))
     pipeline.baseline(GI, tmp_path / "run", method="fixmatch", way=way, cfg=cfg, labels=0.2, seed=1)
     (ctx,) = contexts
@@ -95,6 +118,7 @@ def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way)
     # the run folder says which baseline made it (bench rows and `mics report` read it from there)
     meta = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
     assert meta["method"] == f"fixmatch/{way}"
+    assert schedules[-1].ema == cfg.ssl.ema is not None
     assert meta["git_commit"] == pipeline.git_commit()
 
 
