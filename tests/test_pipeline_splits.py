@@ -107,7 +107,7 @@ def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way)
     monkeypatch.setattr(pipeline, "fit", phased_fit(pipeline.fit, reads))
     schedules = _recorded_schedules(monkeypatch)
     cfg = replace(CFG, ssl=replace(CFG.ssl, iterations=6))
-    pipeline.baseline(GI, tmp_path / "run", method="fixmatch", way=way, cfg=cfg, labels=0.2, seed=1)
+    results = pipeline.baseline(GI, tmp_path / "run", method="fixmatch", way=way, cfg=cfg, labels=0.2, seed=1)
     (ctx,) = contexts
     train, val, test, _ = _splits(ctx)
     seen = reads.get("train")
@@ -119,6 +119,11 @@ def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way)
     meta = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
     assert meta["method"] == f"fixmatch/{way}"
     assert schedules[-1].ema == cfg.ssl.ema is not None
+    # what the bench reads back: the method, the budget and the wall time in tenths of a second
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(results))
+    assert (saved["method"], saved["way"], saved["seed"], saved["iterations"]) == ("fixmatch", way, 1, 6)
+    assert isinstance(saved["wall_s"], float) and saved["wall_s"] == round(saved["wall_s"], 1) > 0
     assert meta["git_commit"] == pipeline.git_commit()
 
 
