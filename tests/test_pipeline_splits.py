@@ -156,8 +156,9 @@ def test_labelled_subset_is_drawn_from_train_only(tmp_path):
     assert np.isin(list(labelled), list(val | test)).sum() == 0
 
 
-def test_git_commit_is_the_short_hash_of_the_checkout() -> None:
+def test_git_commit_is_the_short_hash_of_the_checkout(tmp_path, monkeypatch) -> None:
     here = Path(pipeline.__file__).resolve().parent
+    monkeypatch.chdir(tmp_path)  # the package's checkout, wherever the run is started from
     probe = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
     if probe.returncode != 0:
         pytest.skip("the package is not inside a git checkout (installed from a wheel)")
