@@ -181,3 +181,10 @@ def test_consistency_for_the_ema_decay_is_averaged_over_the_global_batch(
     algo.unlabelled_loss(logits_w, logits_s, torch.arange(2), 0, 4)
     mine = torch.nn.functional.cross_entropy(logits_s, torch.tensor([0, 1]), reduction="none")
     assert algo.last_consistency == pytest.approx(torch.cat([mine, peer]).mean().item(), rel=1e-6)
+
+
+def test_recalibration_cosine_of_tiny_logits_keeps_its_sign() -> None:
+    # the 1e-6 in the denominator guards against zero norms; it must not flip the sign of small vectors
+    tiny = torch.tensor([[1e-4, 0.0]])
+    value = recalibration_loss(tiny, tiny, torch.tensor([0.96]), 0.95, 0.98)
+    assert -1.0 <= value.item() < 0.0

@@ -322,6 +322,7 @@ def test_the_edges_next_to_each_refused_value_are_accepted() -> None:
     for name in ("freematch", "softmatch", "siabc"):
         _algo(name, ema_p=0.0)
     _algo("habit", da_queue=1.0)
+    _algo("softmatch", n_sigma=0.5)
     _algo("siabc", sab_history=2.0, T=0.01, num_unlabelled=1)
     _algo("flexmatch", num_unlabelled=1)
     assert norm_parameter_distance(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)) == 0.0
