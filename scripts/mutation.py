@@ -22,6 +22,7 @@ import argparse
 import fnmatch
 import importlib.util
 import json
+import math
 import random
 import re
 import shutil
@@ -164,16 +165,27 @@ def prepare(group: str) -> Path:
 # groups whose module takes no part in training a run: their tests' trained runs are built once per recheck
 # and reused by every mutant (tests/conftest.py, run_folder) instead of being trained again for each
 REUSE_RUNS = ("predict",)
-RECHECK_TIMEOUT_S = 180  # a mutant whose tests run longer than this (an endless loop) counts as a timeout
+# a mutant whose tests run longer than this (an endless loop) counts as a timeout: at least RECHECK_TIMEOUT_S,
+# and TIMEOUT_FACTOR times its tests' clean duration where they train runs (pipeline), so that a loaded
+# machine does not pass a slow test off as a caught mutant
+RECHECK_TIMEOUT_S = 180
+TIMEOUT_FACTOR = 4
 
 
-def recheck(group: str, unrun: bool = False, sample: int | None = None) -> Counter[str]:
+def recheck(
+    group: str, unrun: bool = False, sample: int | None = None, timeouts: bool = False
+) -> Counter[str]:
     """Test the group's surviving mutants again in ONE process (``pytest.main`` per mutant, the mutant
     chosen through mutmut's own ``MUTANT_UNDER_TEST`` switch) and write each outcome into mutmut's
     results, as mutmut would. mutmut starts a process per mutant, which costs a ~30 s import of torch on
     the 2-core machines; this costs it once. Any kill found this way is a real kill (the same trampolines
     and tests); a mutant that survives here was also tested with the group's whole pool, not only the
-    tests that execute it, so nothing is counted killed that mutmut would not count."""
+    tests that execute it, so nothing is counted killed that mutmut would not count.
+
+    ``sample``: test only that many of the untested mutants, drawn at random (seeded by the group's name),
+    for modules whose mutants each cost minutes; each draw is recorded in ``mutation/<group>/sampled.txt``
+    with the outcomes it had when drawn, and the report estimates the module's kill rate from it.
+    ``timeouts``: test the timed-out mutants again too (with the timeout below)."""
     import os
     import signal
 
@@ -215,6 +227,8 @@ def recheck(group: str, unrun: bool = False, sample: int | None = None) -> Count
             del sys.modules[name]  # the mutated copy, not the installed package
     equivalent = equivalent_mutants()
     skip = ("killed", "timeout") if unrun else ("killed", "timeout", "not run")  # a hang is caught already
+    if timeouts:  # ... unless the timeout was too short for the tests, as on a loaded machine
+        skip = tuple(s for s in skip if s != "timeout")
     before = results(group)
     todo = [n for n, c in before.items() if status(c) not in skip and n not in equivalent]
     todo.sort(key=lambda n: (before[n] is not None, n))  # the untested first: most of them die quickly
@@ -265,12 +279,13 @@ def recheck(group: str, unrun: bool = False, sample: int | None = None) -> Count
     signal.signal(signal.SIGALRM, on_alarm)
     for i, name in enumerate(todo, 1):
         os.environ["MUTANT_UNDER_TEST"] = name
-        signal.alarm(RECHECK_TIMEOUT_S)
+        function = re.sub(r"__mutmut_\d+$", "", name)
+        # fastest first: with -x a killed mutant stops at its first failing test
+        selected = sorted(set(by_function.get(function, [])), key=lambda t: (duration.get(t, 1e9), t))
+        clean = sum(duration.get(t, 0.0) for t in selected)
+        signal.alarm(max(RECHECK_TIMEOUT_S, math.ceil(TIMEOUT_FACTOR * clean)))
         timed_out[0] = False
         try:
-            function = re.sub(r"__mutmut_\d+$", "", name)
-            # fastest first: with -x a killed mutant stops at its first failing test
-            selected = sorted(set(by_function.get(function, [])), key=lambda t: (duration.get(t, 1e9), t))
             # --tb=no: a traceback through mutmut's copy of a module (every mutant inlined, thousands of
             # lines) takes pytest seconds to format, and only pass or fail matters here
             if selected:  # (pytest.main with no test named would run every test under the folder)
@@ -505,6 +520,9 @@ def main() -> int:
         "--unrun", action="store_true", help="with --recheck: also the mutants mutmut has not tested yet"
     )
     parser.add_argument(
+        "--timeouts", action="store_true", help="with --recheck: also the mutants that timed out (test again)"
+    )
+    parser.add_argument(
         "--sample",
         type=int,
         metavar="N",
@@ -523,7 +541,8 @@ def main() -> int:
             parser.error("--recheck takes exactly one group")
         if args.sample is not None and (not args.unrun or args.sample < 1):
             parser.error("--sample takes a positive N and goes with --unrun")
-        print(dict(recheck(groups[0], unrun=args.unrun, sample=args.sample)), file=sys.stderr)
+        counts = recheck(groups[0], unrun=args.unrun, sample=args.sample, timeouts=args.timeouts)
+        print(dict(counts), file=sys.stderr)
     elif not args.report:
         for group in groups:
             folder = prepare(group)

@@ -106,7 +106,15 @@ def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way)
     monkeypatch.setattr(pipeline, "init_run", spied_init_run)
     monkeypatch.setattr(pipeline, "fit", phased_fit(pipeline.fit, reads))
     schedules = _recorded_schedules(monkeypatch)
-    cfg = replace(CFG, ssl=replace(CFG.ssl, iterations=6))
+    fit_calls: list[dict[str, Any]] = []
+    phased = pipeline.fit
+
+    def spied_fit(*args: Any, **kwargs: Any) -> Any:
+        fit_calls.append(kwargs)
+        return phased(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit", spied_fit)
+    cfg = replace(CFG, ssl=replace(CFG.ssl, iterations=6), eval_every=2)
     results = pipeline.baseline(GI, tmp_path / "run", method="fixmatch", way=way, cfg=cfg, labels=0.2, seed=1)
     (ctx,) = contexts
     train, val, test, _ = _splits(ctx)
@@ -119,6 +127,7 @@ def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way)
     meta = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
     assert meta["method"] == f"fixmatch/{way}"
     assert schedules[-1].ema == cfg.ssl.ema is not None
+    assert fit_calls[-1]["eval_every"] == 2  # the config's, not fit's default of 1
     # what the bench reads back: the method, the budget and the wall time in tenths of a second
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
     assert saved == json.loads(json.dumps(results))
