@@ -85,7 +85,7 @@ def test_resumed_stage_skips_the_epochs_already_trained(tmp_path, monkeypatch, s
     assert _epochs(run_dir, stage) == [1, 2]
 
 
-def test_a_finished_run_resumes_without_training(tmp_path, monkeypatch):
+def test_a_finished_run_resumes_without_training(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     cfg = replace(CFG, pretrain=replace(CFG.pretrain, epochs=1), finetune=replace(CFG.finetune, epochs=1))
     first = pipeline.run(GI, run_dir, cfg=cfg, labels=0.2, seed=4)
@@ -97,6 +97,11 @@ def test_a_finished_run_resumes_without_training(tmp_path, monkeypatch):
     monkeypatch.setattr(
         pipeline, "build_dictionary", lambda *a, **k: built.append(1) or build_dictionary(*a, **k)
     )
+    capsys.readouterr()
     again = pipeline.run(GI, run_dir, cfg=cfg, labels=0.2, seed=4, resume=True)
     assert calls == [] and built == []
+    # and says so, stage by stage
+    said = capsys.readouterr().err.splitlines()
+    for stage in ("pretrain", "svd", "finetune"):
+        assert f"[{stage}] already done; skipping" in said
     assert again["test"]["confusion"] == first["test"]["confusion"]
