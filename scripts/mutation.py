@@ -347,8 +347,11 @@ def map_tests(tests: list[str], duration: dict[str, float]) -> dict[str, list[st
     import os
 
     import pytest
+    from mutmut.configuration import config
     from mutmut.state import state
 
+    config()  # read mutmut's config now, from the mutants folder: a test that changes directory would
+    # otherwise make the stats trampoline look for it there, fail, and leave the test unmapped
     found: dict[str, list[str]] = defaultdict(list)
 
     class Record:
