@@ -159,7 +159,9 @@ def test_supervised_baseline_reads_only_labelled_images(tmp_path, monkeypatch):
 
 
 def test_labelled_subset_is_drawn_from_train_only(tmp_path):
-    ctx = pipeline.init_run(GI, tmp_path / "run", cfg=CFG, labels=1.0, seed=1)
+    # (the run folder's parents are created too: --out runs/<experiment>/<run> on a fresh checkout)
+    ctx = pipeline.init_run(GI, tmp_path / "runs" / "grid" / "run", cfg=CFG, labels=1.0, seed=1)
+    assert (tmp_path / "runs" / "grid" / "run" / "split.json").exists()
     train, val, test, labelled = _splits(ctx)
     assert labelled == train  # 100 % labels: all of train, and still nothing of val or test
     assert np.isin(list(labelled), list(val | test)).sum() == 0
