@@ -67,6 +67,12 @@ def test_mics_stages_read_only_their_split(tmp_path, monkeypatch):
     reads.clear()
     pipeline.build_svd(ctx)
     assert reads.all() == train, "the SVD must encode every training image and nothing else"
+    info = json.loads((ctx.run_dir / "svd" / "dictionary.json").read_text(encoding="utf-8"))["info"]
+    assert info == {
+        "stage": "svd",
+        "clusters": ctx.num_classes,
+        "shifts_per_cluster": CFG.svd.shifts_per_cluster,
+    }
 
     reads.clear()
     pipeline.finetune(ctx)
