@@ -86,8 +86,13 @@ def test_mics_stages_read_only_their_split(tmp_path, monkeypatch):
     assert schedules[-1].ema == CFG.finetune.ema is not None
 
     reads.clear()
-    pipeline.evaluate(ctx)
+    metrics = pipeline.evaluate(ctx)
     assert reads.all() == val | test  # the test split is read here, once the model is chosen
+    # both splits' metrics include how well TMC's uncertainty u separates errors (the bench's u-AUROC)
+    for name, split in (("val", val), ("test", test)):
+        u = np.load(ctx.run_dir / f"{name}_predictions.npz")["uncertainty"]
+        assert u.shape == (len(split),) and "uncertainty_auroc" in metrics[name]
+        assert metrics[name]["mean_uncertainty"] == pytest.approx(float(u.mean()))
     # the features of the test split, for the UMAP figure, and the predictions of both splits
     saved = np.load(ctx.run_dir / "test_features.npz")
     assert saved["labels"].tolist() == ctx.labels[np.asarray(ctx.split.test)].tolist()
