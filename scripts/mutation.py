@@ -89,6 +89,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
 # the draws of --sample: per draw a "# draw ..." line, then "NAME EXIT_CODE" per mutant as it is tested,
 # so the outcome against the suite of the time stays on record when later tests kill the survivors
 SAMPLED = "sampled.txt"
+CAUGHT = ("killed", "timeout")  # what the kill rate counts as caught (see report())
 KILLED = {1, 3, -9, -11}  # test failure, pytest internal error, killed by a signal (crash)
 STATUS = {0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout", 24: "timeout"}
 STATUS.update({-24: "timeout", 152: "timeout", 255: "timeout", 37: "type check"})
@@ -111,6 +112,12 @@ def results(group: str) -> dict[str, int | None]:
     for meta in (WORK / group / "mutants").rglob("*.py.meta"):
         out.update(json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"])
     return out
+
+
+def scored_status(name: str, code: int | None, equivalent: set[str]) -> str:
+    """``status``, except that a listed equivalent mutant the tests did not kill counts as "equivalent"."""
+    s = status(code)
+    return "equivalent" if name in equivalent and s != "killed" else s
 
 
 def status(code: int | None) -> str:
@@ -226,7 +233,7 @@ def recheck(
         if name == "mics" or name.startswith("mics."):
             del sys.modules[name]  # the mutated copy, not the installed package
     equivalent = equivalent_mutants()
-    skip = ("killed", "timeout") if unrun else ("killed", "timeout", "not run")  # a hang is caught already
+    skip: tuple[str, ...] = CAUGHT if unrun else (*CAUGHT, "not run")  # a hang is caught already
     if timeouts:  # ... unless the timeout was too short for the tests, as on a loaded machine
         skip = tuple(s for s in skip if s != "timeout")
     before = results(group)
@@ -427,9 +434,7 @@ def report(groups: list[str]) -> int:
     survivors: dict[str, list[str]] = defaultdict(list)
     for group in groups:
         for name, code in sorted(results(group).items()):
-            s = status(code)
-            if name in equivalent and s != "killed":
-                s = "equivalent"
+            s = scored_status(name, code, equivalent)
             by_module[module_of(name)][s] += 1
             if s in ("survived", "no tests", "timeout", "suspicious"):
                 survivors[module_of(name)].append(f"{name} ({s})")
@@ -479,11 +484,11 @@ def sample_estimates(group: str, equivalent: set[str]) -> list[str]:
     now = results(group)
     lines = []
     for header, outcome in draws:
-        scored = [n for n in outcome if not (n in equivalent and status(outcome[n]) != "killed")]
+        scored = [n for n in outcome if scored_status(n, outcome[n], equivalent) != "equivalent"]
         if not scored:
             continue
-        caught = sum(status(outcome[n]) in ("killed", "timeout") for n in scored)
-        caught_now = sum(status(now.get(n)) in ("killed", "timeout") for n in scored)
+        caught = sum(status(outcome[n]) in CAUGHT for n in scored)
+        caught_now = sum(status(now.get(n)) in CAUGHT for n in scored)
         low, high = wilson_interval(caught, len(scored))
         lines.append(
             f"{group} {header}: {len(outcome)} random mutants, {len(outcome) - len(scored)} equivalent; "
