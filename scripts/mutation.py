@@ -189,7 +189,7 @@ def recheck(
     and tests); a mutant that survives here was also tested with the group's whole pool, not only the
     tests that execute it, so nothing is counted killed that mutmut would not count.
 
-    ``sample``: test only that many of the untested mutants, drawn at random (seeded by the group's name),
+    ``sample``: test only that many of the untested mutants, drawn at random (seeded by group and time),
     for modules whose mutants each cost minutes; each draw is recorded in ``mutation/<group>/sampled.txt``
     with the outcomes it had when drawn, and the report estimates the module's kill rate from it.
     ``timeouts``: test the timed-out mutants again too (with the timeout below)."""
@@ -241,15 +241,21 @@ def recheck(
     todo.sort(key=lambda n: (before[n] is not None, n))  # the untested first: most of them die quickly
     if sample is not None:
         untested = [n for n in todo if before[n] is None]
-        random.Random(group).shuffle(untested)
-        todo = untested[:sample]
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
         ).stdout.strip()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "tests"], cwd=ROOT, check=False)
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        # seeded by the draw's time too: a group's folder is not kept between machines, and a seed of the
+        # group alone would draw again, in a new folder, the mutants an earlier draw led tests to target
+        seed = f"{group} {stamp}"
+        random.Random(seed).shuffle(untested)
+        todo = untested[:sample]
         with (folder / SAMPLED).open("a", encoding="utf-8") as fh:
-            fh.write(f"# draw {stamp}, tests of {commit}{' + uncommitted' if dirty.returncode else ''}\n")
+            fh.write(
+                f"# draw {stamp}, tests of {commit}{' + uncommitted' if dirty.returncode else ''}, "
+                f"seed {seed!r}\n"
+            )
     # mutmut's map of which tests execute each function, completed by map_tests() for the tests written
     # after it was made; each mutant runs only the tests that execute its function
     stats = json.loads((mutants / "mutmut-stats.json").read_text(encoding="utf-8"))

@@ -5,6 +5,8 @@ trained again (the batch function is never asked for them), finished stages are 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -105,3 +107,19 @@ def test_a_finished_run_resumes_without_training(tmp_path, monkeypatch, capsys):
     for stage in ("pretrain", "svd", "finetune"):
         assert f"[{stage}] already done; skipping" in said
     assert again["test"]["confusion"] == first["test"]["confusion"]
+
+
+def test_a_run_folder_is_reopened_only_for_its_own_data(tmp_path):
+    run_dir = tmp_path / "run"
+    pipeline.init_run(GI, run_dir, cfg=CFG, labels=0.2, seed=4)
+    held = f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+    with pytest.raises(pipeline.RunError, match="^" + re.escape(held) + "$"):
+        pipeline.init_run(GI, run_dir, cfg=CFG, labels=0.2, seed=4)
+    other = tmp_path / "other"
+    shutil.copytree(GI, other)
+    made_for = f"{run_dir} was made for data {GI.resolve()}, not {other}"
+    with pytest.raises(pipeline.RunError, match="^" + re.escape(made_for) + "$"):
+        pipeline.init_run(other, run_dir, cfg=CFG, labels=0.2, seed=4, resume=True)
+    # the same data under another spelling of its path is the same data
+    ctx = pipeline.init_run(GI / ".." / GI.name, run_dir, cfg=CFG, labels=0.5, seed=9, resume=True)
+    assert (ctx.labels_ratio, ctx.cfg.seed) == (0.2, 4), "a reopened run keeps its own labels and seed"

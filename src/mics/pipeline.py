@@ -307,25 +307,6 @@ def build_svd(ctx: RunContext, resume: bool = False, pretrained: Path | None = N
     return out
 
 
-def build_finetune_model(ctx: RunContext) -> FusionFinetuning:
-    cfg = ctx.cfg
-    model = FusionFinetuning(cfg.model, cfg.finetune, cfg.svd, cfg.data.image_size, ctx.num_classes)
-    if cfg.finetune.use_svd:
-        model.set_dictionaries(
-            ShiftDictionary(
-                torch.zeros(ctx.num_classes, cfg.model.width),
-                torch.zeros(ctx.num_classes, cfg.svd.shifts_per_cluster, cfg.model.width),
-            ),
-            ShiftDictionary(
-                torch.zeros(ctx.num_classes, cfg.model.width),
-                torch.zeros(ctx.num_classes, cfg.svd.shifts_per_cluster, cfg.model.width),
-            )
-            if cfg.finetune.use_nbi
-            else None,
-        )
-    return model
-
-
 @torch.no_grad()
 def predict_arrays(
     model: torch.nn.Module,
@@ -394,7 +375,8 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
         info("[finetune] already done; skipping")
         return out / "best"
     seed_all(cfg.seed)
-    model = build_finetune_model(ctx)
+    # the SVD dictionaries are set below, from the stage's checkpoint, before fit() builds the EMA copy
+    model = FusionFinetuning(cfg.model, cfg.finetune, cfg.svd, cfg.data.image_size, ctx.num_classes)
     encoders = load_encoders(pretrained or ctx.run_dir / "pretrain" / "encoders", torch.device("cpu"))
     model.enc_a.load_state_dict(encoders["enc_a"])
     if cfg.finetune.use_nbi:
