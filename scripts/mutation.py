@@ -79,6 +79,10 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/methods/test_baseline_wiring.py",
         ],
     ),
+    "budget": (
+        ["src/mics/methods/budget.py"],
+        ["tests/methods/test_budget.py", "tests/methods/test_baseline_training.py"],
+    ),
     "ssl": (["src/mics/methods/ssl/*"], ["tests/methods/ssl", "tests/methods/test_baseline_wiring.py"]),
     "predict": (["src/mics/predict.py"], ["tests/test_pipeline_predict.py", "tests/test_export.py"]),
     "pipeline": (

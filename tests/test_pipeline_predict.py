@@ -21,6 +21,7 @@ import torch
 from mics import pipeline
 from mics.config import dump_yaml, load_yaml, preset
 from mics.data.views import to_float
+from mics.engine.checkpoint import load_checkpoint, save_checkpoint
 from mics.eval.metrics import classification_metrics
 from mics.predict import predict_files
 from tests.conftest import GI, run_folder
@@ -220,3 +221,16 @@ def test_a_run_of_the_first_version_loads_with_its_separate_fused_evidence_head(
     reference, _ = pipeline.load_finetuned(finished["run_dir"], torch.device("cpu"))
     assert model.state_dict().keys() == reference.state_dict().keys()
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_run_saved_before_class_weights_loads_with_weights_of_one(finished, tmp_path):
+    # fine-tuned weights written before the class-weight buffer existed load as unweighted
+    old = tmp_path / "old"
+    shutil.copytree(finished["run_dir"], old)
+    state, info = load_checkpoint(old / "finetune" / "best")
+    del state["model"]["class_weights"]
+    save_checkpoint(old / "finetune" / "best", state, info=info)
+    model, loaded = pipeline.load_finetuned(old, torch.device("cpu"))
+    assert torch.equal(model.class_weights, torch.ones(len(loaded["meta"]["classes"])))
+    reference = pipeline.load_finetuned(finished["run_dir"], torch.device("cpu"))[0].state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items() if k != "class_weights")

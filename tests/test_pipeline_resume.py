@@ -107,6 +107,10 @@ def test_a_finished_run_resumes_without_training(tmp_path, monkeypatch, capsys):
     for stage in ("pretrain", "svd", "finetune"):
         assert f"[{stage}] already done; skipping" in said
     assert again["test"]["confusion"] == first["test"]["confusion"]
+    # the wall time of the whole call, in tenths of a second, also in the run's metrics.json
+    assert isinstance(again["wall_s"], float) and again["wall_s"] == round(again["wall_s"], 1) > 0
+    saved = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(again))
 
 
 def test_a_run_folder_is_reopened_only_for_its_own_data(tmp_path):

@@ -99,6 +99,14 @@ def test_mics_stages_read_only_their_split(tmp_path, monkeypatch):
     assert saved["features"].shape[0] == len(test)
     for name, split in (("val", val), ("test", test)):
         assert np.load(ctx.run_dir / f"{name}_predictions.npz")["labels"].shape == (len(split),)
+    # fit's selection score and logged values: top-1 and balanced accuracy on val of the model it scores
+    model, _ = pipeline.load_finetuned(ctx.run_dir, ctx.device)
+    scored = pipeline.val_scorer(ctx)(model)
+    assert scored == {
+        "score": metrics["val"]["top1"],
+        "top1": metrics["val"]["top1"],
+        "balanced_accuracy": metrics["val"]["balanced_accuracy"],
+    }
 
 
 @pytest.mark.parametrize("way", ["standard", "multimodal"])
@@ -120,9 +128,12 @@ def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way)
     fit_calls: list[dict[str, Any]] = []
     phased = pipeline.fit
 
+    fit_results: list[Any] = []
+
     def spied_fit(*args: Any, **kwargs: Any) -> Any:
         fit_calls.append(kwargs)
-        return phased(*args, **kwargs)
+        fit_results.append(phased(*args, **kwargs))
+        return fit_results[-1]
 
     monkeypatch.setattr(pipeline, "fit", spied_fit)
     cfg = replace(CFG, ssl=replace(CFG.ssl, iterations=6), eval_every=2)
@@ -143,6 +154,7 @@ def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
     assert saved == json.loads(json.dumps(results))
     assert (saved["method"], saved["way"], saved["seed"], saved["iterations"]) == ("fixmatch", way, 1, 6)
+    assert saved["best_epoch"] == fit_results[-1].best_epoch is not None
     assert isinstance(saved["wall_s"], float) and saved["wall_s"] == round(saved["wall_s"], 1) > 0
     assert meta["git_commit"] == pipeline.git_commit()
 
