@@ -87,7 +87,12 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "predict": (["src/mics/predict.py"], ["tests/test_pipeline_predict.py", "tests/test_export.py"]),
     "pipeline": (
         ["src/mics/pipeline.py"],
-        ["tests/test_pipeline_splits.py", "tests/test_pipeline_resume.py", "tests/test_pipeline_predict.py"],
+        [
+            "tests/test_pipeline_splits.py",
+            "tests/test_pipeline_resume.py",
+            "tests/test_pipeline_predict.py",
+            "tests/test_pipeline_refusals.py",
+        ],
     ),
 }
 # the draws of --sample: per draw a "# draw ..." line, then "NAME EXIT_CODE" per mutant as it is tested,
