@@ -198,3 +198,61 @@ def test_git_commit_is_the_short_hash_of_the_checkout(tmp_path, monkeypatch) -> 
         pytest.skip("the package is not inside a git checkout (installed from a wheel)")
     commit = pipeline.git_commit()
     assert commit == probe.stdout.strip() and len(commit) < 40
+
+
+def test_each_stage_hands_fit_the_runs_settings(tmp_path, monkeypatch):
+    """Stage name, seed, device, checkpoint folder, precision, compile, evaluation and the schedule of each
+    stage come from the run's config (values unlike every default, so that a dropped one shows)."""
+    cfg = replace(
+        CFG,
+        precision="bf16",
+        compile=True,
+        eval_every=2,
+        pretrain=replace(CFG.pretrain, epochs=2, lr=3e-4, min_lr=2e-6, weight_decay=0.07, warmup_epochs=1),
+        finetune=replace(
+            CFG.finetune, epochs=2, lr=5e-5, min_lr=3e-7, weight_decay=0.03, warmup_epochs=1, ema=0.9
+        ),
+        ssl=replace(CFG.ssl, iterations=6, lr=7e-4, min_lr=4e-6, weight_decay=0.01, warmup_iterations=2),
+    )
+    schedules = _recorded_schedules(monkeypatch)
+    calls: list[dict[str, Any]] = []
+    results: list[Any] = []
+    fit = pipeline.fit
+
+    def spied_fit(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        # trained in fp32 without compiling, to stay fast: what was asked for is what is checked
+        results.append(fit(*args, **{**kwargs, "precision": "fp32", "compile": False}))
+        return results[-1]
+
+    monkeypatch.setattr(pipeline, "fit", spied_fit)
+    ctx = pipeline.init_run(GI, tmp_path / "run", cfg=cfg, labels=0.2, seed=5)
+    pipeline.pretrain(ctx)
+    pipeline.build_svd(ctx)
+    pipeline.finetune(ctx)
+    pipeline.baseline(GI, tmp_path / "base", method="fixmatch", way="multimodal", cfg=cfg, labels=0.2, seed=5)
+    pre, tune, base = calls
+    n_train, n_labelled = len(ctx.split.train), len(ctx.labelled)
+    for call, stage, folder in (
+        (pre, "pretrain", tmp_path / "run" / "pretrain"),
+        (tune, "finetune", tmp_path / "run" / "finetune"),
+        (base, "fixmatch-multimodal", tmp_path / "base" / "baseline"),
+    ):
+        assert (call["stage"], call["seed"], call["device"], call["ckpt_dir"]) == (
+            stage,
+            5,
+            ctx.device,
+            folder,
+        )
+        assert (call["precision"], call["compile"], call["resume"]) == ("bf16", True, False)
+    assert pre.get("evaluate") is None, "pre-training has no labels to select with"
+    assert tune["evaluate"] is not None and tune["eval_every"] == 2
+    spe = max(1, n_train // cfg.pretrain.batch_size)
+    assert schedules[0] == Schedule(2, spe, 3e-4, 2e-6, 0.07, warmup_steps=spe)
+    spe = max(-(-n_labelled // cfg.finetune.batch_size), cfg.finetune.min_steps_per_epoch)
+    assert schedules[1] == Schedule(2, spe, 5e-5, 3e-7, 0.03, warmup_steps=spe, ema=0.9)
+    # the baseline: 6 iterations over min(finetune.epochs, 6) epochs, warm-up in iterations
+    assert schedules[2] == Schedule(2, 3, 7e-4, 4e-6, 0.01, warmup_steps=2, ema=cfg.ssl.ema)
+    done = json.loads((tmp_path / "run" / "finetune" / "done.json").read_text(encoding="utf-8"))
+    assert done == {"best_epoch": results[1].best_epoch, "best_val_top1": results[1].best_score}
+    assert done["best_epoch"] is not None
