@@ -127,3 +127,58 @@ def test_a_run_folder_is_reopened_only_for_its_own_data(tmp_path):
     # the same data under another spelling of its path is the same data
     ctx = pipeline.init_run(GI / ".." / GI.name, run_dir, cfg=CFG, labels=0.5, seed=9, resume=True)
     assert (ctx.labels_ratio, ctx.cfg.seed) == (0.2, 4), "a reopened run keeps its own labels and seed"
+
+
+def test_a_new_run_folder_records_what_it_was_made_with(tmp_path):
+    from mics import __version__
+    from mics.config import load_yaml
+    from mics.data.splits import load_split
+    from mics.engine.train import resolve_precision
+
+    run_dir = tmp_path / "nested" / "run"
+    ctx = pipeline.init_run(GI, run_dir, cfg=CFG, labels=0.2, seed=4, method="dash/multimodal")
+    meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    created = meta.pop("created")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", created)
+    split = ctx.split
+    assert meta == {
+        "method": "dash/multimodal",
+        "data": str(GI.resolve()),
+        "pair": ctx.images.pair_mode,
+        "classes": list(ctx.images.classes),
+        "modalities": list(ctx.images.modalities),
+        "labels": 0.2,
+        "seed": 4,
+        "preset": "smoke",
+        "precision": resolve_precision(CFG.precision, ctx.device),
+        "mics_version": __version__,
+        "git_commit": pipeline.git_commit(),
+        "n_samples": len(ctx.images),
+        "n_train": len(split.train),
+        "n_val": len(split.val),
+        "n_test": len(split.test),
+        "n_labelled": len(ctx.labelled),
+    }
+    assert ctx.cfg == replace(CFG, seed=4) == load_yaml(run_dir / "config.yaml")
+    assert load_split(run_dir / "split.json", ctx.images) == split
+    labelled = json.loads((run_dir / "labelled.json").read_text(encoding="utf-8"))
+    root = ctx.images.root
+    assert labelled == {
+        "ratio": 0.2,
+        "seed": 4,
+        "indices": list(ctx.labelled),
+        "paths": [str(ctx.images.samples[i].path_a.relative_to(root)) for i in ctx.labelled],
+    }
+    # reopened, the folder keeps its record (creation time included) and its split
+    again = pipeline.open_run(run_dir)
+    assert json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["created"] == created
+    assert again.split == split and again.labelled == ctx.labelled
+
+
+@pytest.mark.parametrize("labels", [0.0, -0.1, 1.5])
+def test_the_label_ratio_must_be_a_fraction(tmp_path, labels):
+    message = f"--labels must be a fraction in (0, 1], got {labels}"
+    with pytest.raises(pipeline.DataError, match="^" + re.escape(message) + "$"):
+        pipeline.init_run(GI, tmp_path / "run", cfg=CFG, labels=labels)
+    assert not (tmp_path / "run").exists()
+    assert pipeline.init_run(GI, tmp_path / "all", cfg=CFG, labels=1.0).labels_ratio == 1.0
