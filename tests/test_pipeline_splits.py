@@ -49,7 +49,7 @@ def _recorded_schedules(monkeypatch: pytest.MonkeyPatch) -> list[Schedule]:
     return schedules
 
 
-def test_mics_stages_read_only_their_split(tmp_path, monkeypatch):
+def test_mics_stages_read_only_their_split(tmp_path, monkeypatch, capsys):
     reads = Reads()
     monkeypatch.setattr(pipeline, "fit", phased_fit(pipeline.fit, reads))
     schedules = _recorded_schedules(monkeypatch)
@@ -65,8 +65,11 @@ def test_mics_stages_read_only_their_split(tmp_path, monkeypatch):
     assert len(train) - len(seen) < CFG.pretrain.batch_size
 
     reads.clear()
+    capsys.readouterr()
     pipeline.build_svd(ctx)
     assert reads.all() == train, "the SVD must encode every training image and nothing else"
+    bars = capsys.readouterr().err
+    assert "svd a:" in bars and "svd b:" in bars, "each modality's encoding has its own progress bar"
     info = json.loads((ctx.run_dir / "svd" / "dictionary.json").read_text(encoding="utf-8"))["info"]
     assert info == {
         "stage": "svd",
