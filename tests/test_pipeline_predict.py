@@ -234,3 +234,62 @@ def test_a_run_saved_before_class_weights_loads_with_weights_of_one(finished, tm
     assert torch.equal(model.class_weights, torch.ones(len(loaded["meta"]["classes"])))
     reference = pipeline.load_finetuned(finished["run_dir"], torch.device("cpu"))[0].state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items() if k != "class_weights")
+
+
+class _Recorder(torch.nn.Module):
+    """A model whose prediction is made of its inputs' pixel means, recording each batch it sees."""
+
+    num_classes = 3
+
+    def __init__(self, uses_partner: bool) -> None:
+        super().__init__()
+        self.uses_partner = uses_partner
+        self.batches: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
+
+    def predict(self, a: torch.Tensor, b: torch.Tensor | None) -> Any:
+        from mics.methods.finetune import Prediction
+
+        self.batches.append((a, b, self.training))
+        m = a.mean(dim=(1, 2, 3))
+        probs = torch.stack([m, m + (b.mean(dim=(1, 2, 3)) if b is not None else 0), -m], dim=1).softmax(-1)
+        return Prediction(probs, 1 - probs.max(-1).values, torch.stack([m, 2 * m], dim=1))
+
+
+@pytest.mark.parametrize("uses_partner", [True, False])
+def test_predict_arrays_batches_the_selected_images_in_order(uses_partner):
+    from mics.data.views import to_float
+
+    gen = np.random.default_rng(0)
+    arrays_a = gen.integers(0, 256, (9, 3, 4, 4), dtype=np.uint8)
+    arrays_b = gen.integers(0, 256, (9, 3, 4, 4), dtype=np.uint8)
+    indices = np.array([7, 2, 5, 0, 8])
+    model = _Recorder(uses_partner).train()
+    probs, unc, feats = pipeline.predict_arrays(
+        model, arrays_a, arrays_b, indices, torch.device("cpu"), batch_size=2
+    )
+    assert [len(a) for a, _, _ in model.batches] == [2, 2, 1]
+    assert not any(training for _, _, training in model.batches), "predictions are made in eval mode"
+    assert model.training, "the model goes back to training mode"
+    a = torch.cat([a for a, _, _ in model.batches])
+    assert torch.equal(a, to_float(torch.from_numpy(arrays_a[indices])))
+    if uses_partner:
+        assert torch.equal(
+            torch.cat([b for _, b, _ in model.batches]), to_float(torch.from_numpy(arrays_b[indices]))
+        )
+    else:
+        assert all(b is None for _, b, _ in model.batches), "a one-modality model gets no partner"
+    whole = model.predict(a, torch.cat([b for _, b, _ in model.batches]) if uses_partner else None)
+    np.testing.assert_allclose(probs, whole.probs.numpy(), atol=1e-7)
+    np.testing.assert_allclose(unc, whole.uncertainty.numpy(), atol=1e-7)
+    np.testing.assert_allclose(feats, whole.features.numpy(), atol=1e-7)
+    # no partner images at all: a partner-using model is given none
+    model.batches.clear()
+    pipeline.predict_arrays(model, arrays_a, None, indices, torch.device("cpu"), batch_size=8)
+    assert [b for _, b, _ in model.batches] == [None]
+
+
+def test_predict_arrays_of_no_images_has_the_shapes_of_none():
+    probs, unc, feats = pipeline.predict_arrays(
+        _Recorder(True), np.zeros((2, 3, 4, 4), np.uint8), None, np.array([], dtype=int), torch.device("cpu")
+    )
+    assert (probs.shape, unc.shape, feats.shape) == ((0, 3), (0,), (0, 0))

@@ -259,3 +259,18 @@ def test_each_stage_hands_fit_the_runs_settings(tmp_path, monkeypatch):
     done = json.loads((tmp_path / "run" / "finetune" / "done.json").read_text(encoding="utf-8"))
     assert done == {"best_epoch": results[1].best_epoch, "best_val_top1": results[1].best_score}
     assert done["best_epoch"] is not None
+
+
+def test_machine_description_names_processor_threads_and_gpu(monkeypatch) -> None:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pipeline.machine_description() == f"{cpu}, {torch.get_num_threads()} threads, no GPU"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU {i}")
+    assert pipeline.machine_description() == f"{cpu}, {torch.get_num_threads()} threads, GPU 0"
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert pipeline.machine_description().startswith(f"{platform.machine()}, ")
