@@ -182,3 +182,33 @@ def test_the_label_ratio_must_be_a_fraction(tmp_path, labels):
         pipeline.init_run(GI, tmp_path / "run", cfg=CFG, labels=labels)
     assert not (tmp_path / "run").exists()
     assert pipeline.init_run(GI, tmp_path / "all", cfg=CFG, labels=1.0).labels_ratio == 1.0
+
+
+def test_run_reuses_given_encoders_and_skips_the_svd_when_unused(tmp_path, monkeypatch):
+    cfg = replace(CFG, pretrain=replace(CFG.pretrain, epochs=1), finetune=replace(CFG.finetune, epochs=1))
+    source = pipeline.init_run(GI, tmp_path / "source", cfg=cfg, labels=0.2, seed=4)
+    encoders = pipeline.pretrain(source)
+    calls: list[tuple[str, Any]] = []
+    for stage in ("pretrain", "build_svd", "finetune"):
+        original = getattr(pipeline, stage)
+
+        def spied(ctx, *args, _stage=stage, _original=original, **kwargs):
+            calls.append((_stage, kwargs.get("pretrained")))
+            return _original(ctx, *args, **kwargs)
+
+        monkeypatch.setattr(pipeline, stage, spied)
+    # a pre-training folder or the encoders' own path: the same encoders, no pre-training
+    for name, given in (("from-folder", tmp_path / "source" / "pretrain"), ("from-file", encoders)):
+        calls.clear()
+        metrics = pipeline.run(GI, tmp_path / name, cfg=cfg, labels=0.2, seed=4, pretrained=given)
+        assert calls == [("build_svd", encoders), ("finetune", encoders)]
+        assert (metrics["method"], metrics["labels"], metrics["seed"]) == ("mics", 0.2, 4)
+    calls.clear()
+    plain = replace(cfg, finetune=replace(cfg.finetune, use_svd=False))
+    pipeline.run(GI, tmp_path / "no-svd", cfg=plain, labels=0.2, seed=4, pretrained=encoders)
+    assert calls == [("finetune", encoders)], "a run without shifts built a dictionary"
+    assert not (tmp_path / "no-svd" / "svd").exists()
+    calls.clear()
+    pipeline.run(GI, tmp_path / "own", cfg=cfg, labels=0.2, seed=4)
+    own = tmp_path / "own" / "pretrain" / "encoders"
+    assert calls == [("pretrain", None), ("build_svd", own), ("finetune", own)]
