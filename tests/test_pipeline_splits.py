@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from mics import pipeline
 from mics.config import preset
@@ -274,3 +275,82 @@ def test_machine_description_names_processor_threads_and_gpu(monkeypatch) -> Non
     assert pipeline.machine_description() == f"{cpu}, {torch.get_num_threads()} threads, GPU 0"
     monkeypatch.setattr(platform, "processor", lambda: "")
     assert pipeline.machine_description().startswith(f"{platform.machine()}, ")
+
+
+def _bound(function: Any, calls: list[dict[str, Any]]) -> Any:
+    """A spy that records each call's arguments by name (defaults filled in) and calls ``function``."""
+    import inspect
+
+    signature = inspect.signature(function)
+
+    def spied(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return function(*args, **kwargs)
+
+    return spied
+
+
+@pytest.mark.parametrize("use_nbi", [True, False])
+def test_each_stage_builds_its_batches_and_class_weights_from_the_config(tmp_path, monkeypatch, use_nbi):
+    import mics.methods.baseline as baseline_module
+    import mics.methods.ssl as ssl_module
+    from mics.methods.pretrain import class_weights
+
+    cfg = replace(
+        CFG,
+        data=replace(CFG.data, class_balance="reweight", paired_aug="shared"),
+        finetune=replace(CFG.finetune, use_nbi=use_nbi),
+        ssl=replace(CFG.ssl, iterations=2),
+    )
+    pairs: list[dict[str, Any]] = []
+    labelled_calls: list[dict[str, Any]] = []
+    ssl_calls: list[dict[str, Any]] = []
+    algorithms: list[Any] = []
+    monkeypatch.setattr(pipeline, "pair_batches", _bound(pipeline.pair_batches, pairs))
+    monkeypatch.setattr(pipeline, "labelled_batches", _bound(pipeline.labelled_batches, labelled_calls))
+    monkeypatch.setattr(baseline_module, "ssl_batches", _bound(baseline_module.ssl_batches, ssl_calls))
+    build = ssl_module.build_algorithm
+    monkeypatch.setattr(
+        ssl_module, "build_algorithm", lambda *a, **k: algorithms.append(build(*a, **k)) or algorithms[-1]
+    )
+    init_run = pipeline.init_run
+
+    def unequal_classes(*args: Any, **kwargs: Any) -> pipeline.RunContext:
+        # the bundled sample's labelled subsets are stratified, so equal: 6 labelled images of one class, 2
+        # of the other make the class weights differ
+        ctx = init_run(*args, **kwargs)
+        by_class = [[i for i in ctx.split.train if ctx.labels[i] == c] for c in (0, 1)]
+        ctx.labelled = tuple(sorted(by_class[0][:6] + by_class[1][:2]))
+        return ctx
+
+    monkeypatch.setattr(pipeline, "init_run", unequal_classes)
+    ctx = pipeline.init_run(GI, tmp_path / "run", cfg=cfg, labels=0.2, seed=6)
+    train, labelled = np.asarray(ctx.split.train), np.asarray(ctx.labelled)
+    weights = class_weights(ctx.labels, labelled, ctx.num_classes)
+    assert not np.allclose(weights.numpy(), weights.numpy()[0])
+
+    pipeline.pretrain(ctx)
+    (p,) = pairs
+    assert p["arrays_a"] is ctx.arrays_a and p["arrays_b"] is ctx.arrays_b
+    assert p["indices"].tolist() == train.tolist() and p["batch_size"] == cfg.pretrain.batch_size
+    assert (p["device"], p["seed"], p["drop_last"], p["shared_aug"]) == (ctx.device, 6, True, True)
+
+    pipeline.build_svd(ctx)
+    pipeline.finetune(ctx)
+    (f,) = labelled_calls
+    assert f["arrays_a"] is ctx.arrays_a and f["arrays_b"] is (ctx.arrays_b if use_nbi else None)
+    assert f["labels"] is not None and f["labels"].tolist() == ctx.labels.tolist()
+    assert f["indices"].tolist() == labelled.tolist() and f["batch_size"] == cfg.finetune.batch_size
+    assert (f["device"], f["seed"], f["balance"], f["shared_aug"]) == (ctx.device, 6, "reweight", True)
+    model, _ = pipeline.load_finetuned(ctx.run_dir, ctx.device)
+    assert torch.allclose(model.class_weights, weights)
+
+    pipeline.baseline(GI, tmp_path / "base", method="fixmatch", way="multimodal", cfg=cfg, labels=0.2, seed=6)
+    (s,) = ssl_calls
+    assert s["labelled"].tolist() == labelled.tolist() and s["unlabelled"].tolist() == train.tolist()
+    assert s["labels"].tolist() == ctx.labels.tolist() and s["cfg"] == cfg.ssl and s["way"] == "multimodal"
+    assert (s["seed"], s["use_unlabelled"], s["balance"]) == (6, True, "reweight")
+    (algorithm,) = algorithms
+    assert torch.allclose(torch.as_tensor(algorithm.class_weights), weights)
