@@ -158,3 +158,22 @@ def test_demo_runs_mics_and_supervised_on_the_bundled_sample_and_writes_a_report
     assert {"mics", "supervised"} <= set(json.dumps(report).split('"')) and (out / "report.md").exists()
     assert (out / "mics" / "metrics.json").exists() and (out / "supervised" / "metrics.json").exists()
     assert "MICS" in proc.stdout or "mics" in proc.stdout
+
+
+def test_figures_from_a_results_file(tmp_path):
+    from tests.eval.test_figures import fake_bench
+
+    root = fake_bench(tmp_path / "bench")
+    proc = mics("figures", "--results", root / "results.csv", "--grid", root / "grid.yaml")
+    assert proc.stdout.splitlines() == [str(root / "figures" / "d" / "label_efficiency.png")]
+    assert (root / "figures" / "d" / "label_efficiency.png").stat().st_size > 0
+    for args, message in (
+        ((), "error: give --bench or --results (one of them)"),
+        (
+            ("--bench", root, "--results", root / "results.csv"),
+            "error: give --bench or --results (one of them)",
+        ),
+        (("--bench", root, "--grid", root / "grid.yaml"), "error: --grid goes with --results"),
+    ):
+        proc = mics("figures", *args, check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr

@@ -480,13 +480,37 @@ def bench(
 
 @app.command()
 def figures(
-    bench_dir: Annotated[Path, typer.Option("--bench", help="A folder written by 'mics bench'.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Default: BENCH/figures.")] = None,
+    bench_dir: Annotated[
+        Path | None, typer.Option("--bench", help="A folder written by 'mics bench': every figure.")
+    ] = None,
+    results: Annotated[
+        Path | None,
+        typer.Option(
+            "--results",
+            help="A results file of 'mics bench --results' instead: the label-efficiency curve only "
+            "(the other figures need the run folders).",
+        ),
+    ] = None,
+    grid: Annotated[
+        Path | None, typer.Option("--grid", help="With --results: the grid's method names and paper points.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Default: BENCH/figures, or figures/ beside RESULTS.")
+    ] = None,
 ) -> None:
     """UMAP of test features (Fig. 8), confusion matrices, learning curves and label efficiency, as PNGs."""
-    from mics.bench.figures import make_figures
+    from mics.bench.figures import make_figures, results_figures
+    from mics.bench.grid import GridError
 
-    for path in make_figures(bench_dir, out):
+    if (bench_dir is None) == (results is None):
+        raise GridError("give --bench or --results (one of them)")
+    if grid is not None and results is None:
+        raise GridError("--grid goes with --results (a bench folder has its own grid.yaml)")
+    if results is not None:
+        written = results_figures(results, out if out is not None else results.parent / "figures", grid)
+    else:
+        written = make_figures(bench_dir, out)  # type: ignore[arg-type]
+    for path in written:
         typer.echo(str(path))
 
 

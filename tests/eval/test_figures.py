@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -223,3 +225,44 @@ def test_real_umap_keeps_well_separated_classes_apart(tmp_path):
     np.fill_diagonal(d, np.inf)
     assert (labels[d.argmin(axis=1)] == labels).mean() > 0.95
     assert_png(figures.plot_umap([("m", feats, labels)], CLASSES, tmp_path / "u.png"))
+
+
+def test_results_file_alone_gives_the_label_efficiency_curve(tmp_path, monkeypatch):
+    from mics.bench.figures import results_figures
+
+    root = fake_bench(tmp_path / "bench")
+    results = root / "results.csv"
+    written = results_figures(results, tmp_path / "figs")
+    assert [p.relative_to(tmp_path / "figs").as_posix() for p in written] == ["d/label_efficiency.png"]
+    assert_png(written[0])
+    # with the grid: its method names, and the paper's points of the data set's paper tag
+    seen: dict[str, Any] = {}
+    original = figures.plot_label_efficiency
+
+    def spy(series, path, **kw):
+        seen.update(series=series, paper=kw.get("paper"))
+        return original(series, path, **kw)
+
+    monkeypatch.setattr("mics.bench.figures.plot_label_efficiency", spy)
+    results_figures(results, tmp_path / "named", root / "grid.yaml")
+    assert sorted(seen["series"]) == ["MICS", "fixmatch (multimodal)", "full (standard)"]
+    assert seen["series"]["MICS"].keys() == {0.1, 0.05} and len(seen["series"]["MICS"][0.1]) == 2
+    assert seen["paper"] == {"MICS, Kvasir": {0.1: 67.17, 0.05: 60.88}}
+    results_figures(results, tmp_path / "plain")
+    assert seen["paper"] is None and "mics" in seen["series"]
+
+
+def test_results_figures_say_what_is_missing(tmp_path):
+    from mics.bench.figures import results_figures
+
+    with pytest.raises(GridError, match="^" + re.escape(f"{tmp_path / 'no.csv'} not found")):
+        results_figures(tmp_path / "no.csv", tmp_path / "figs")
+    root = fake_bench(tmp_path / "bench")
+    rows = [r for r in bench.read_csv(root / "results.csv") if r["labels"] != 0.05]
+    bench.write_csv(rows, tmp_path / "one-ratio.csv")
+    message = f"{tmp_path / 'one-ratio.csv'}: no data set has two label ratios below 100 % yet"
+    with pytest.raises(GridError, match="^" + re.escape(message) + "$"):
+        results_figures(tmp_path / "one-ratio.csv", tmp_path / "figs")
+    bench.write_csv([], tmp_path / "empty.csv")
+    with pytest.raises(GridError, match="has no finished cells yet"):
+        results_figures(tmp_path / "empty.csv", tmp_path / "figs")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from mics.bench.cells import format_ratio
-from mics.bench.grid import GridError, load_grid
+from mics.bench.grid import Grid, GridError, load_grid
 from mics.bench.results import read_csv
 from mics.eval.figures import (
     Embedder,
@@ -101,7 +101,19 @@ def make_figures(
                             embed=embed,
                         )
                     )
-        if sum(r < 1.0 for r in ratios) < 2:
+    written.extend(label_efficiency_figures(rows, out, grid))
+    return written
+
+
+def label_efficiency_figures(rows: list[dict[str, Any]], out: Path, grid: Grid | None = None) -> list[Path]:
+    """``<out>/<dataset>/label_efficiency.png`` for each data set of ``rows`` (results rows: dataset,
+    method, way, labels, seed, top1) measured at two label ratios below 100 % or more; the grid, when
+    given, names the methods and adds the paper's points."""
+    labels_of = {m.name: m.label for m in grid.methods} if grid else {}
+    written: list[Path] = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        ds_rows = [r for r in rows if r["dataset"] == dataset]
+        if len({r["labels"] for r in ds_rows if r["labels"] < 1.0}) < 2:
             continue  # a label-efficiency curve needs two label ratios
         series: dict[str, dict[float, list[float]]] = {}
         for r in ds_rows:
@@ -114,9 +126,24 @@ def make_figures(
         written.append(
             plot_label_efficiency(
                 series,
-                folder / "label_efficiency.png",
+                out / dataset / "label_efficiency.png",
                 paper=paper,
                 title=f"Label efficiency: {dataset} (mean ± std over seeds)",
             )
         )
+    return written
+
+
+def results_figures(results: str | Path, out: str | Path, grid: str | Path | None = None) -> list[Path]:
+    """The figures a results file alone can give (``mics bench --results``; the run folders, which the
+    other figures need, are not kept with it): the label-efficiency curve of each data set."""
+    results = Path(results)
+    if not results.exists():
+        raise GridError(f"{results} not found: write it with 'mics bench ... --results {results}'")
+    rows = read_csv(results)
+    if not rows:
+        raise GridError(f"{results} has no finished cells yet")
+    written = label_efficiency_figures(rows, Path(out), load_grid(grid) if grid is not None else None)
+    if not written:
+        raise GridError(f"{results}: no data set has two label ratios below 100 % yet")
     return written
