@@ -77,12 +77,13 @@ def test_resumed_stage_skips_the_epochs_already_trained(tmp_path, monkeypatch, s
     calls.clear()
     monkeypatch.setattr(pipeline, factory, _spy(calls)(original))
     ctx = pipeline.open_run(run_dir)
-    getattr(pipeline, stage)(ctx, resume=True)
+    made = getattr(pipeline, stage)(ctx, resume=True)
     assert calls == [1], "a resumed stage trained epochs that were already checkpointed"
     assert _epochs(run_dir, stage) == [1, 2]
+    assert made == run_dir / stage / {"pretrain": "encoders", "finetune": "best"}[stage]
 
     calls.clear()
-    getattr(pipeline, stage)(ctx, resume=True)
+    assert getattr(pipeline, stage)(ctx, resume=True) == made, "a skipped stage returns what it made"
     assert calls == [], "a finished stage was trained again on resume"
     assert _epochs(run_dir, stage) == [1, 2]
 
@@ -106,6 +107,11 @@ def test_a_finished_run_resumes_without_training(tmp_path, monkeypatch, capsys):
     said = capsys.readouterr().err.splitlines()
     for stage in ("pretrain", "svd", "finetune"):
         assert f"[{stage}] already done; skipping" in said
+    # a skipped stage still returns what it made, as run() passes it on
+    ctx = pipeline.open_run(run_dir)
+    assert pipeline.pretrain(ctx, resume=True) == run_dir / "pretrain" / "encoders"
+    assert pipeline.build_svd(ctx, resume=True) == run_dir / "svd" / "dictionary"
+    assert pipeline.finetune(ctx, resume=True) == run_dir / "finetune" / "best"
     assert again["test"]["confusion"] == first["test"]["confusion"]
     # the wall time of the whole call, in tenths of a second, also in the run's metrics.json
     assert isinstance(again["wall_s"], float) and again["wall_s"] == round(again["wall_s"], 1) > 0

@@ -67,7 +67,7 @@ def test_mics_stages_read_only_their_split(tmp_path, monkeypatch, capsys):
 
     reads.clear()
     capsys.readouterr()
-    pipeline.build_svd(ctx)
+    assert pipeline.build_svd(ctx) == ctx.run_dir / "svd" / "dictionary"
     assert reads.all() == train, "the SVD must encode every training image and nothing else"
     bars = capsys.readouterr().err
     assert "svd a:" in bars and "svd b:" in bars, "each modality's encoding has its own progress bar"
