@@ -293,3 +293,11 @@ def test_predict_arrays_of_no_images_has_the_shapes_of_none():
         _Recorder(True), np.zeros((2, 3, 4, 4), np.uint8), None, np.array([], dtype=int), torch.device("cpu")
     )
     assert (probs.shape, unc.shape, feats.shape) == ((0, 3), (0,), (0, 0))
+
+
+def test_load_finetuned_gives_the_model_in_eval_mode_with_its_record(finished):
+    model, loaded = pipeline.load_finetuned(finished["run_dir"])  # the run's own device: the CPU here
+    assert not model.training and not any(m.training for m in model.modules())
+    assert loaded["meta"] == json.loads((finished["run_dir"] / "run.json").read_text(encoding="utf-8"))
+    assert loaded["cfg"] == load_yaml(finished["run_dir"] / "config.yaml")
+    assert next(model.parameters()).device == torch.device("cpu")

@@ -77,3 +77,16 @@ def test_baseline_names_the_methods_and_ways_it_knows(tmp_path) -> None:
     ):
         pipeline.baseline(GI, tmp_path / "b", method="fixmatch", way="both", cfg=SMOKE)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists(), "a refused call made a folder"
+
+
+def test_pretraining_and_baselines_start_from_the_configs_encoder_weights(tmp_path) -> None:
+    from mics.models.init import InitError
+
+    missing = tmp_path / "vit.safetensors"
+    cfg = replace(SMOKE, model=replace(SMOKE.model, init=str(missing)))
+    message = f"model.init={str(missing)!r}: no such file; give a .safetensors ViT checkpoint or timm:<name>"
+    ctx = pipeline.init_run(GI, tmp_path / "run", cfg=cfg, labels=0.2, seed=0)
+    with pytest.raises(InitError, match=_refused(message)):
+        pipeline.pretrain(ctx)
+    with pytest.raises(InitError, match=_refused(message)):
+        pipeline.baseline(GI, tmp_path / "base", method="fixmatch", cfg=cfg, labels=0.2, seed=0)
