@@ -92,6 +92,9 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_pipeline_resume.py",
             "tests/test_pipeline_predict.py",
             "tests/test_pipeline_refusals.py",
+            # the CLI in-process (tests/test_cli_os_errors.py's cli()), so through the mutated module
+            "tests/test_bad_inputs.py",
+            "tests/test_cli_os_errors.py",
         ],
     ),
 }
