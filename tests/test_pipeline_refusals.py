@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +91,53 @@ def test_pretraining_and_baselines_start_from_the_configs_encoder_weights(tmp_pa
         pipeline.pretrain(ctx)
     with pytest.raises(InitError, match=_refused(message)):
         pipeline.baseline(GI, tmp_path / "base", method="fixmatch", cfg=cfg, labels=0.2, seed=0)
+
+
+class _Stop(Exception):
+    """Raised by a spy once it has what the test asks about."""
+
+
+def test_the_public_entry_points_default_to_ten_percent_labels_and_auto_pairing(
+    tmp_path, monkeypatch
+) -> None:
+    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def stop(*args: Any, **kwargs: Any) -> None:
+        seen.append((args, kwargs))
+        raise _Stop
+
+    monkeypatch.setattr(pipeline, "init_run", stop)
+    with pytest.raises(_Stop):
+        pipeline.run(GI, tmp_path / "run")
+    with pytest.raises(_Stop):
+        pipeline.baseline(GI, tmp_path / "base", method="dash")
+    (_, run_kwargs), (_, base_kwargs) = seen
+    assert run_kwargs == {
+        "pair": "auto",
+        "cfg": None,
+        "labels": 0.1,
+        "seed": None,
+        "skip_bad": False,
+        "resume": False,
+    }
+    assert base_kwargs == {
+        "pair": "auto",
+        "cfg": None,
+        "labels": 0.1,
+        "seed": None,
+        "skip_bad": False,
+        "resume": False,
+        "method": "dash/standard",
+    }
+
+
+def test_init_run_defaults_to_the_cpu_preset_ten_percent_labels_and_mics(tmp_path) -> None:
+    import json
+
+    from mics.data.layouts import discover
+
+    ctx = pipeline.init_run(GI, tmp_path / "run")
+    assert ctx.cfg == preset("cpu") and ctx.labels_ratio == 0.1
+    meta = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
+    assert (meta["method"], meta["pair"], meta["labels"]) == ("mics", discover(GI).pair_mode, 0.1)
+    assert meta["pair"] == discover(GI, pair="auto").pair_mode
