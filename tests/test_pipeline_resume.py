@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -101,7 +102,9 @@ def test_a_finished_run_resumes_without_training(tmp_path, monkeypatch, capsys):
         pipeline, "build_dictionary", lambda *a, **k: built.append(1) or build_dictionary(*a, **k)
     )
     capsys.readouterr()
+    started = time.time()
     again = pipeline.run(GI, run_dir, cfg=cfg, labels=0.2, seed=4, resume=True)
+    elapsed = time.time() - started
     assert calls == [] and built == []
     # and says so, stage by stage
     said = capsys.readouterr().err.splitlines()
@@ -115,6 +118,7 @@ def test_a_finished_run_resumes_without_training(tmp_path, monkeypatch, capsys):
     assert again["test"]["confusion"] == first["test"]["confusion"]
     # the wall time of the whole call, in tenths of a second, also in the run's metrics.json
     assert isinstance(again["wall_s"], float) and again["wall_s"] == round(again["wall_s"], 1) > 0
+    assert again["wall_s"] <= elapsed + 0.05
     saved = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert saved == json.loads(json.dumps(again))
 
@@ -167,6 +171,7 @@ def test_a_new_run_folder_records_what_it_was_made_with(tmp_path):
     }
     assert ctx.cfg == replace(CFG, seed=4) == load_yaml(run_dir / "config.yaml")
     assert load_split(run_dir / "split.json", ctx.images) == split
+    assert not (run_dir / "dropped.csv").exists(), "no sample was dropped, so there is no list of them"
     labelled = json.loads((run_dir / "labelled.json").read_text(encoding="utf-8"))
     root = ctx.images.root
     assert labelled == {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,9 @@ def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way)
 
     monkeypatch.setattr(pipeline, "fit", spied_fit)
     cfg = replace(CFG, ssl=replace(CFG.ssl, iterations=6), eval_every=2)
+    started = time.time()
     results = pipeline.baseline(GI, tmp_path / "run", method="fixmatch", way=way, cfg=cfg, labels=0.2, seed=1)
+    elapsed = time.time() - started
     (ctx,) = contexts
     train, val, test, _ = _splits(ctx)
     seen = reads.get("train")
@@ -160,6 +163,7 @@ def test_baseline_trains_on_train_and_selects_on_val(tmp_path, monkeypatch, way)
     assert (saved["method"], saved["way"], saved["seed"], saved["iterations"]) == ("fixmatch", way, 1, 6)
     assert saved["best_epoch"] == fit_results[-1].best_epoch is not None
     assert isinstance(saved["wall_s"], float) and saved["wall_s"] == round(saved["wall_s"], 1) > 0
+    assert saved["wall_s"] <= elapsed + 0.05
     assert meta["git_commit"] == pipeline.git_commit()
 
 
