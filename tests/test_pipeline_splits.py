@@ -358,3 +358,19 @@ def test_each_stage_builds_its_batches_and_class_weights_from_the_config(tmp_pat
     assert (s["seed"], s["use_unlabelled"], s["balance"]) == (6, True, "reweight")
     (algorithm,) = algorithms
     assert torch.allclose(torch.as_tensor(algorithm.class_weights), weights)
+
+
+def test_git_commit_gives_up_on_a_git_that_hangs_or_is_missing(monkeypatch) -> None:
+    def hanging(cmd: list[str], **kwargs: Any) -> Any:
+        # a run must not wait on git: it is asked with a short timeout, and one that expires gives no hash
+        assert 0 < kwargs["timeout"] <= 10
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(pipeline.subprocess, "run", hanging)
+    assert pipeline.git_commit() is None
+
+    def missing(cmd: list[str], **kwargs: Any) -> Any:
+        raise FileNotFoundError(2, "No such file or directory", "git")
+
+    monkeypatch.setattr(pipeline.subprocess, "run", missing)
+    assert pipeline.git_commit() is None
