@@ -93,6 +93,9 @@ def test_mics_stages_read_only_their_split(tmp_path, monkeypatch, capsys):
     reads.clear()
     metrics = pipeline.evaluate(ctx)
     assert reads.all() == val | test  # the test split is read here, once the model is chosen
+    saved = json.loads((ctx.run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(metrics)), "evaluate writes what it returns into metrics.json"
+    assert (saved["method"], saved["labels"], saved["seed"]) == ("mics", 0.2, 1)
     # both splits' metrics include how well TMC's uncertainty u separates errors (the bench's u-AUROC)
     for name, split in (("val", val), ("test", test)):
         u = np.load(ctx.run_dir / f"{name}_predictions.npz")["uncertainty"]
