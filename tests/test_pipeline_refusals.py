@@ -112,23 +112,9 @@ def test_the_public_entry_points_default_to_ten_percent_labels_and_auto_pairing(
     with pytest.raises(_Stop):
         pipeline.baseline(GI, tmp_path / "base", method="dash")
     (_, run_kwargs), (_, base_kwargs) = seen
-    assert run_kwargs == {
-        "pair": "auto",
-        "cfg": None,
-        "labels": 0.1,
-        "seed": None,
-        "skip_bad": False,
-        "resume": False,
-    }
-    assert base_kwargs == {
-        "pair": "auto",
-        "cfg": None,
-        "labels": 0.1,
-        "seed": None,
-        "skip_bad": False,
-        "resume": False,
-        "method": "dash/standard",
-    }
+    defaults = {"pair": "auto", "cfg": None, "labels": 0.1, "seed": None, "skip_bad": False, "resume": False}
+    assert run_kwargs == defaults
+    assert base_kwargs == {**defaults, "method": "dash/standard"}
 
 
 def test_init_run_defaults_to_the_cpu_preset_ten_percent_labels_and_mics(tmp_path) -> None:
