@@ -23,6 +23,7 @@ from mics.config import dump_yaml, load_yaml, preset
 from mics.data.views import to_float
 from mics.engine.checkpoint import load_checkpoint, save_checkpoint
 from mics.eval.metrics import classification_metrics
+from mics.methods.finetune import Prediction
 from mics.predict import predict_files
 from tests.conftest import GI, run_folder
 
@@ -246,9 +247,7 @@ class _Recorder(torch.nn.Module):
         self.uses_partner = uses_partner
         self.batches: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
 
-    def predict(self, a: torch.Tensor, b: torch.Tensor | None) -> Any:
-        from mics.methods.finetune import Prediction
-
+    def predict(self, a: torch.Tensor, b: torch.Tensor | None) -> Prediction:
         self.batches.append((a, b, self.training))
         m = a.mean(dim=(1, 2, 3))
         probs = torch.stack([m, m + (b.mean(dim=(1, 2, 3)) if b is not None else 0), -m], dim=1).softmax(-1)
@@ -257,8 +256,6 @@ class _Recorder(torch.nn.Module):
 
 @pytest.mark.parametrize("uses_partner", [True, False])
 def test_predict_arrays_batches_the_selected_images_in_order(uses_partner):
-    from mics.data.views import to_float
-
     gen = np.random.default_rng(0)
     arrays_a = gen.integers(0, 256, (9, 3, 4, 4), dtype=np.uint8)
     arrays_b = gen.integers(0, 256, (9, 3, 4, 4), dtype=np.uint8)

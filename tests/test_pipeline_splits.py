@@ -17,6 +17,7 @@ import torch
 from mics import pipeline
 from mics.config import preset
 from mics.engine.train import Schedule
+from mics.methods.budget import finetune_steps_per_epoch, pretrain_steps_per_epoch
 from tests.conftest import GI
 from tests.pipeline_spies import Reads, phased_fit, recording
 
@@ -258,9 +259,9 @@ def test_each_stage_hands_fit_the_runs_settings(tmp_path, monkeypatch):
         assert (call["precision"], call["compile"], call["resume"]) == ("bf16", True, False)
     assert pre.get("evaluate") is None, "pre-training has no labels to select with"
     assert tune["evaluate"] is not None and tune["eval_every"] == 2
-    spe = max(1, n_train // cfg.pretrain.batch_size)
+    spe = pretrain_steps_per_epoch(cfg, n_train)
     assert schedules[0] == Schedule(2, spe, 3e-4, 2e-6, 0.07, warmup_steps=spe)
-    spe = max(-(-n_labelled // cfg.finetune.batch_size), cfg.finetune.min_steps_per_epoch)
+    spe = finetune_steps_per_epoch(cfg, n_labelled)
     assert schedules[1] == Schedule(2, spe, 5e-5, 3e-7, 0.03, warmup_steps=spe, ema=0.9)
     # the baseline: 6 iterations over min(finetune.epochs, 6) epochs, warm-up in iterations
     assert schedules[2] == Schedule(2, 3, 7e-4, 4e-6, 0.01, warmup_steps=2, ema=cfg.ssl.ema)
@@ -271,8 +272,6 @@ def test_each_stage_hands_fit_the_runs_settings(tmp_path, monkeypatch):
 
 def test_machine_description_names_processor_threads_and_gpu(monkeypatch) -> None:
     import platform
-
-    import torch
 
     cpu = platform.processor() or platform.machine()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
