@@ -174,6 +174,11 @@ def test_figures_from_a_results_file(tmp_path):
             "error: give --bench or --results (one of them)",
         ),
         (("--bench", root, "--grid", root / "grid.yaml"), "error: --grid goes with --results"),
+        (("--bench", root, "--runs", root / "runs"), "error: --runs goes with --results"),
+        (
+            ("--results", root / "results.csv", "--runs", tmp_path),
+            f"error: {tmp_path} keeps none of the runs of {root / 'results.csv'}'s rows",
+        ),
     ):
         proc = mics("figures", *args, check=False)
         assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr

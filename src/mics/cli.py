@@ -494,6 +494,14 @@ def figures(
     grid: Annotated[
         Path | None, typer.Option("--grid", help="With --results: the grid's method names and paper points.")
     ] = None,
+    runs: Annotated[
+        Path | None,
+        typer.Option(
+            "--runs",
+            help="With --results: a folder of kept run folders (RUNS/<cell>, e.g. a bench's runs/); adds "
+            "Fig. 8, confusion matrices and learning curves of the rows whose run is kept there.",
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Default: BENCH/figures, or figures/ beside RESULTS.")
     ] = None,
@@ -506,8 +514,12 @@ def figures(
         raise GridError("give --bench or --results (one of them)")
     if grid is not None and results is None:
         raise GridError("--grid goes with --results (a bench folder has its own grid.yaml)")
+    if runs is not None and results is None:
+        raise GridError("--runs goes with --results (a bench folder has its own runs/)")
     if results is not None:
-        written = results_figures(results, out if out is not None else results.parent / "figures", grid)
+        written = results_figures(
+            results, out if out is not None else results.parent / "figures", grid, runs=runs
+        )
     else:
         written = make_figures(bench_dir, out)  # type: ignore[arg-type]
     for path in written:

@@ -266,3 +266,66 @@ def test_results_figures_say_what_is_missing(tmp_path):
     bench.write_csv([], tmp_path / "empty.csv")
     with pytest.raises(GridError, match="has no finished cells yet"):
         results_figures(tmp_path / "empty.csv", tmp_path / "figs")
+
+
+def test_results_file_with_kept_runs_draws_each_ratio_from_its_most_complete_seed(tmp_path, monkeypatch):
+    from mics.bench.figures import results_figures
+
+    root = fake_bench(tmp_path / "bench")
+    runs = root / "runs"
+    # seed 0 loses MICS at 5 % (run folder gone) and FixMatch at 10 % (a re-run of another protocol)
+    for cell in ("d__mics__l5__s0", "d__fixmatch-multimodal__l5__s0"):
+        assert (runs / cell).is_dir(), sorted(p.name for p in runs.iterdir())
+    (runs / "d__mics__l5__s0" / "metrics.json").unlink()
+    other = runs / "d__fixmatch-multimodal__l10__s0" / "metrics.json"
+    record = json.loads(other.read_text())
+    record["test"]["top1"] += 0.01
+    other.write_text(json.dumps(record))
+    titles: list[str] = []
+    umap_panels: list[str] = []
+    original_confusions, original_umap = figures.plot_confusions, figures.plot_umap
+
+    def spy_confusions(panels, classes, path, **kw):
+        titles.append(f"{path.name}: {kw['title']} {[n for n, _ in panels]}")
+        return original_confusions(panels, classes, path, **kw)
+
+    def spy_umap(panels, classes, path, **kw):
+        umap_panels.extend(n for n, _, _ in panels)
+        return original_umap(panels, classes, path, **kw)
+
+    monkeypatch.setattr("mics.bench.figures.plot_confusions", spy_confusions)
+    monkeypatch.setattr("mics.bench.figures.plot_umap", spy_umap)
+    written = results_figures(
+        root / "results.csv", tmp_path / "figs", root / "grid.yaml", runs=runs, embed=pca_2d
+    )
+    assert sorted(p.relative_to(tmp_path / "figs").as_posix() for p in written) == sorted(
+        [f"d/{kind}_l{pct}.png" for kind in ("confusion", "curves") for pct in (5, 10, 100)]
+        + ["d/umap_l5.png", "d/label_efficiency.png"]
+    )
+    assert sorted(titles) == [
+        "confusion_l10.png: Test confusion (row-normalised): d, 10 % labels, seed 1 "
+        "['MICS', 'fixmatch (multimodal)']",
+        "confusion_l100.png: Test confusion (row-normalised): d, 100 % labels, seed 0 ['full (standard)']",
+        "confusion_l5.png: Test confusion (row-normalised): d, 5 % labels, seed 1 "
+        "['MICS', 'fixmatch (multimodal)']",
+    ]
+    assert umap_panels == ["MICS", "fixmatch (multimodal)"]
+    for p in written:
+        assert_png(p)
+
+
+def test_kept_runs_that_match_no_row_are_an_error(tmp_path):
+    from mics.bench.figures import results_figures
+
+    root = fake_bench(tmp_path / "bench")
+    (tmp_path / "empty-runs").mkdir()
+    message = f"{tmp_path / 'empty-runs'} keeps none of the runs of {root / 'results.csv'}'s rows"
+    with pytest.raises(GridError, match="^" + re.escape(message)):
+        results_figures(root / "results.csv", tmp_path / "figs", runs=tmp_path / "empty-runs")
+    with pytest.raises(GridError, match="^" + re.escape(f"{tmp_path / 'nothing'} is not a folder of run")):
+        results_figures(root / "results.csv", tmp_path / "figs", runs=tmp_path / "nothing")
+    # one label ratio and kept runs: the run figures alone, no error about the missing curve
+    rows = [r for r in bench.read_csv(root / "results.csv") if r["labels"] == 0.1]
+    bench.write_csv(rows, tmp_path / "one-ratio.csv")
+    written = results_figures(tmp_path / "one-ratio.csv", tmp_path / "figs", runs=root / "runs", embed=pca_2d)
+    assert sorted(p.name for p in written) == ["confusion_l10.png", "curves_l10.png", "umap_l10.png"]
