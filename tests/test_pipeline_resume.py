@@ -17,6 +17,7 @@ import pytest
 
 from mics import pipeline
 from mics.config import preset
+from mics.engine.logging import last_elapsed
 from tests.conftest import GI
 
 SMOKE = preset("smoke")
@@ -75,12 +76,22 @@ def test_resumed_stage_skips_the_epochs_already_trained(tmp_path, monkeypatch, s
     assert calls == [0, 1]
     assert _epochs(run_dir, stage) == [1]
 
+    # the killed process had run for 1000 s when epoch 1 was checkpointed: the resumed run's clock goes on
+    # from there rather than from 0
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert records[-1]["elapsed_s"] > 0
+    records[-1]["elapsed_s"] = 1000.0
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+
     calls.clear()
     monkeypatch.setattr(pipeline, factory, _spy(calls)(original))
     ctx = pipeline.open_run(run_dir)
     made = getattr(pipeline, stage)(ctx, resume=True)
     assert calls == [1], "a resumed stage trained epochs that were already checkpointed"
     assert _epochs(run_dir, stage) == [1, 2]
+    resumed = json.loads(metrics.read_text().splitlines()[-1])
+    assert 1000.0 < resumed["elapsed_s"] < 1000.0 + 600
     assert made == run_dir / stage / {"pretrain": "encoders", "finetune": "best"}[stage]
 
     calls.clear()
@@ -116,9 +127,12 @@ def test_a_finished_run_resumes_without_training(tmp_path, monkeypatch, capsys):
     assert pipeline.build_svd(ctx, resume=True) == run_dir / "svd" / "dictionary"
     assert pipeline.finetune(ctx, resume=True) == run_dir / "finetune" / "best"
     assert again["test"]["confusion"] == first["test"]["confusion"]
-    # the wall time of the whole call, in tenths of a second, also in the run's metrics.json
+    # the wall time of the run, in tenths of a second, also in the run's metrics.json: the first call's
+    # time up to its last checkpointed epoch plus the resumed call's
     assert isinstance(again["wall_s"], float) and again["wall_s"] == round(again["wall_s"], 1) > 0
-    assert again["wall_s"] <= elapsed + 0.05
+    trained = last_elapsed(run_dir / "metrics.jsonl")
+    assert 0 < trained <= first["wall_s"]
+    assert trained <= again["wall_s"] <= trained + elapsed + 0.15
     saved = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert saved == json.loads(json.dumps(again))
 
@@ -223,3 +237,18 @@ def test_run_reuses_given_encoders_and_skips_the_svd_when_unused(tmp_path, monke
     pipeline.run(GI, tmp_path / "own", cfg=cfg, labels=0.2, seed=4)
     own = tmp_path / "own" / "pretrain" / "encoders"
     assert calls == [("pretrain", None), ("build_svd", own), ("finetune", own)]
+
+
+def test_a_resumed_baseline_counts_the_time_before_its_checkpoint(tmp_path):
+    run_dir = tmp_path / "fixmatch"
+    cfg = replace(SMOKE, ssl=replace(SMOKE.ssl, iterations=3))
+    first = pipeline.baseline(GI, run_dir, method="fixmatch", cfg=cfg, labels=0.2, seed=4)
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert 0 < records[-1]["elapsed_s"] <= first["wall_s"]
+    # as if the process had been killed after 500 s, just after its last checkpoint
+    records[-1]["elapsed_s"] = 500.0
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    again = pipeline.baseline(GI, run_dir, method="fixmatch", cfg=cfg, labels=0.2, seed=4, resume=True)
+    assert 500.0 <= again["wall_s"] < 500.0 + 300
+    assert json.loads((run_dir / "metrics.json").read_text())["wall_s"] == again["wall_s"]

@@ -16,7 +16,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from mics.data.splits import Split, labelled_subset, load_split, make_split, sav
 from mics.data.validate import validate, write_dropped
 from mics.engine import distributed as dist
 from mics.engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
-from mics.engine.logging import MetricsLogger, info
+from mics.engine.logging import MetricsLogger, RunClock, info, last_elapsed
 from mics.engine.train import Schedule, fit, resolve_device, resolve_precision, seed_all
 from mics.eval.metrics import classification_metrics
 from mics.methods.budget import finetune_steps_per_epoch, pretrain_steps_per_epoch
@@ -63,6 +63,7 @@ class RunContext:
     arrays_a: np.ndarray  # uint8 [N, 3, S, S]
     arrays_b: np.ndarray  # uint8 [N, 3, S, S] (generated partner where the data has none)
     device: torch.device
+    clock: RunClock = field(default_factory=RunClock)  # the run's wall time, resumes included
 
     @property
     def labels(self) -> np.ndarray:
@@ -105,6 +106,7 @@ def init_run(
     method: str = "mics",
 ) -> RunContext:
     """Create (or, with ``resume``, reopen) a run folder for ``data`` and load everything stages need."""
+    clock = RunClock()
     run_dir = Path(run_dir)
     cfg = cfg or preset_config("cpu")
     if seed is not None:
@@ -125,6 +127,7 @@ def init_run(
             raise RunError(f"{run_dir} was made for data {meta['data']}, not {data}")
         cfg = load_yaml(run_dir / "config.yaml")
         labels = float(meta["labels"])
+        clock.base_s = last_elapsed(run_dir / "metrics.jsonl")
     # an unusable --out (under a file, read-only) fails now, not after every image has been checked
     run_dir.mkdir(parents=True, exist_ok=True)
     images = discover(data, pair=pair)
@@ -184,7 +187,7 @@ def init_run(
     generator = get_generator(cfg.data.generator)
     with dist.main_first():
         arrays_a, arrays_b = load_arrays(images, cfg.data.image_size, generator, progress=dist.is_main())
-    return RunContext(run_dir, cfg, images, split, labelled, labels, arrays_a, arrays_b, device)
+    return RunContext(run_dir, cfg, images, split, labelled, labels, arrays_a, arrays_b, device, clock)
 
 
 def open_run(run_dir: str | Path) -> RunContext:
@@ -247,7 +250,7 @@ def pretrain(ctx: RunContext, resume: bool = False) -> Path:
         seed=cfg.seed,
         shared_aug=cfg.data.paired_aug == "shared",
     )
-    logger = MetricsLogger(ctx.run_dir)
+    logger = MetricsLogger(ctx.run_dir, clock=ctx.clock)
     fit(
         model,
         batches,
@@ -412,7 +415,7 @@ def finetune(ctx: RunContext, resume: bool = False, pretrained: Path | None = No
         balance=cfg.data.class_balance,
         shared_aug=cfg.data.paired_aug == "shared",
     )
-    logger = MetricsLogger(ctx.run_dir)
+    logger = MetricsLogger(ctx.run_dir, clock=ctx.clock)
     result = fit(
         model,
         batches,
@@ -489,7 +492,6 @@ def run(
 ) -> dict[str, Any]:
     """The whole MICS pipeline: split, pre-train (or reuse ``pretrained`` encoders), SVD, fine-tune,
     evaluate."""
-    start = time.time()
     ctx = init_run(
         data, run_dir, pair=pair, cfg=cfg, labels=labels, seed=seed, skip_bad=skip_bad, resume=resume
     )
@@ -502,7 +504,7 @@ def run(
         build_svd(ctx, resume=resume, pretrained=encoders)
     finetune(ctx, resume=resume, pretrained=encoders)
     results = evaluate(ctx)
-    results["wall_s"] = round(time.time() - start, 1)
+    results["wall_s"] = round(ctx.clock.elapsed(), 1)
     if dist.is_main():
         atomic_write_json(ctx.run_dir / "metrics.json", results)
     return results
@@ -533,7 +535,6 @@ def baseline(
         raise RunError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINE_METHODS)}")
     if way not in WAYS:
         raise RunError(f"unknown way {way!r}; choose 'standard' or 'multimodal'")
-    start = time.time()
     ctx = init_run(
         data,
         run_dir,
@@ -587,7 +588,7 @@ def baseline(
         balance=cfg.data.class_balance,
     )
 
-    logger = MetricsLogger(ctx.run_dir)
+    logger = MetricsLogger(ctx.run_dir, clock=ctx.clock)
     result = fit(
         model,
         batches,
@@ -613,7 +614,7 @@ def baseline(
         seed=cfg.seed,
         iterations=total,
         best_epoch=result.best_epoch,
-        wall_s=round(time.time() - start, 1),
+        wall_s=round(ctx.clock.elapsed(), 1),
     )
     if dist.is_main():
         atomic_write_json(ctx.run_dir / "metrics.json", results)

@@ -17,12 +17,47 @@ from mics.engine.distributed import is_main
 from mics.errors import naming
 
 
-class MetricsLogger:
-    """Append-only ``metrics.jsonl`` plus TensorBoard event files under ``<run>/tb``."""
+class RunClock:
+    """Wall time of a run folder across resumes, in seconds.
 
-    def __init__(self, run_dir: Path | None, tensorboard: bool = True) -> None:
+    Every record of ``metrics.jsonl`` is written once its epoch is checkpointed and carries the run's
+    ``elapsed_s`` at that moment (:class:`MetricsLogger` with a clock). A resumed run starts from the
+    last record's value (:func:`last_elapsed`), so its time counts the work its checkpoints stand for
+    plus the resumed process; the part of an epoch lost to a kill is counted once, when it is trained
+    again. Runs logged before the field existed resume from 0.
+    """
+
+    def __init__(self, base_s: float = 0.0) -> None:
+        self.base_s = float(base_s)
+        self._started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return self.base_s + time.monotonic() - self._started
+
+
+def last_elapsed(metrics_path: Path) -> float:
+    """The last ``elapsed_s`` recorded in ``metrics_path``: 0 if the file or the value is missing (a run
+    logged before the field existed)."""
+    if not metrics_path.exists():
+        return 0.0
+    for line in reversed(metrics_path.read_text(encoding="utf-8").splitlines()):
+        try:
+            value = json.loads(line).get("elapsed_s")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
+            return float(value)
+    return 0.0
+
+
+class MetricsLogger:
+    """Append-only ``metrics.jsonl`` plus TensorBoard event files under ``<run>/tb``; with a ``clock``, each
+    record carries the run's ``elapsed_s``."""
+
+    def __init__(self, run_dir: Path | None, tensorboard: bool = True, clock: RunClock | None = None) -> None:
         self.enabled = run_dir is not None and is_main()
         self.path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+        self.clock = clock
         self._tb = None
         if self.enabled and tensorboard:
             try:
@@ -37,6 +72,8 @@ class MetricsLogger:
             return
         clean = {k: _plain(v) for k, v in values.items()}
         record = {"time": round(time.time(), 3), "stage": stage, "step": step, **clean}
+        if self.clock is not None:
+            record["elapsed_s"] = round(self.clock.elapsed(), 1)
         append_line(self.path, json.dumps(record))
         if self._tb is not None:
             for k, v in clean.items():
