@@ -58,6 +58,15 @@ def _epochs(run_dir: Path, stage: str) -> list[int]:
     return [int(r["epoch"]) for r in map(json.loads, lines) if r["stage"] == stage]
 
 
+def _set_last_elapsed(metrics: Path, value: float) -> float:
+    """Rewrite the last record's ``elapsed_s`` (as if the run had been killed later); returns the old one."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    old = records[-1]["elapsed_s"]
+    records[-1]["elapsed_s"] = value
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return old
+
+
 @pytest.mark.parametrize(
     ("stage", "factory"), [("pretrain", "pair_batches"), ("finetune", "labelled_batches")]
 )
@@ -79,10 +88,7 @@ def test_resumed_stage_skips_the_epochs_already_trained(tmp_path, monkeypatch, s
     # the killed process had run for 1000 s when epoch 1 was checkpointed: the resumed run's clock goes on
     # from there rather than from 0
     metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert records[-1]["elapsed_s"] > 0
-    records[-1]["elapsed_s"] = 1000.0
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _set_last_elapsed(metrics, 1000.0) > 0
 
     calls.clear()
     monkeypatch.setattr(pipeline, factory, _spy(calls)(original))
@@ -243,12 +249,8 @@ def test_a_resumed_baseline_counts_the_time_before_its_checkpoint(tmp_path):
     run_dir = tmp_path / "fixmatch"
     cfg = replace(SMOKE, ssl=replace(SMOKE.ssl, iterations=3))
     first = pipeline.baseline(GI, run_dir, method="fixmatch", cfg=cfg, labels=0.2, seed=4)
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert 0 < records[-1]["elapsed_s"] <= first["wall_s"]
     # as if the process had been killed after 500 s, just after its last checkpoint
-    records[-1]["elapsed_s"] = 500.0
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert 0 < _set_last_elapsed(run_dir / "metrics.jsonl", 500.0) <= first["wall_s"]
     again = pipeline.baseline(GI, run_dir, method="fixmatch", cfg=cfg, labels=0.2, seed=4, resume=True)
     assert 500.0 <= again["wall_s"] < 500.0 + 300
     assert json.loads((run_dir / "metrics.json").read_text())["wall_s"] == again["wall_s"]
