@@ -57,15 +57,25 @@ def browser() -> Iterator:
 
 
 def upload(browser, server: MicsServer, path: Path) -> None:
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(server.url)
     browser.find_element(By.ID, "image-input").send_keys(str(path))
-    old = browser.find_element(By.TAG_NAME, "html")
     browser.find_element(By.ID, "submit").click()
-    WebDriverWait(browser, 120).until(ec.staleness_of(old))
+
+    # Wait for the answer page itself rather than for the old page to go stale: while the document is
+    # being swapped, Chromium sometimes answers a query on the old node with a generic "Node with given id
+    # does not belong to the document" error instead of a stale-element error, which failed CI once.
+    def answered(driver) -> bool:
+        return (
+            driver.current_url.rstrip("/").endswith("/predict")
+            and driver.execute_script("return document.readyState") == "complete"
+            and bool(driver.find_elements(By.CSS_SELECTOR, "#result, #error"))
+        )
+
+    WebDriverWait(browser, 120, ignored_exceptions=(WebDriverException,)).until(answered)
 
 
 def test_upload_a_sample_image_and_read_the_prediction(browser, server, gi_smoke_run):
