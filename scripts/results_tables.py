@@ -33,7 +33,16 @@ def main() -> None:
     parser.add_argument("grid", type=Path)
     args = parser.parse_args()
     grid = load_grid(args.grid)
-    keys = {c.id: protocol_key(c) for c in expand_cells(grid)}
+    cells = expand_cells(grid)
+    missing = sorted({c.data for c in cells if not Path(c.data).exists()})
+    if missing:
+        # A row's protocol key hashes its data folder's file list: without the data every row would look
+        # stale and the tables would come out empty.
+        parser.error(
+            f"data folder(s) not found: {', '.join(missing)}. The rows' protocol keys hash the data "
+            "they were made on; run this where the grid's data folders are (the results README says where)."
+        )
+    keys = {c.id: protocol_key(c) for c in cells}
     rows = read_csv(args.results)
     current = [r for r in rows if keys.get(str(r.get("cell"))) == r.get("protocol")]
     print(results_markdown(current, grid))
