@@ -17,6 +17,7 @@ from mics.bench import expand_cells, load_grid
 from mics.bench.protocol import protocol_key
 from mics.bench.results import read_csv
 from mics.bench.tables import results_markdown
+from mics.data.errors import DataError
 
 PER_SEED = ("top1", "balanced_accuracy", "macro_f1", "ece", "uncertainty_auroc")
 
@@ -33,16 +34,10 @@ def main() -> None:
     parser.add_argument("grid", type=Path)
     args = parser.parse_args()
     grid = load_grid(args.grid)
-    cells = expand_cells(grid)
-    missing = sorted({c.data for c in cells if not Path(c.data).exists()})
-    if missing:
-        # A row's protocol key hashes its data folder's file list: without the data every row would look
-        # stale and the tables would come out empty.
-        parser.error(
-            f"data folder(s) not found: {', '.join(missing)}. The rows' protocol keys hash the data "
-            "they were made on; run this where the grid's data folders are (the results README says where)."
-        )
-    keys = {c.id: protocol_key(c) for c in cells}
+    try:
+        keys = {c.id: protocol_key(c) for c in expand_cells(grid)}
+    except DataError as err:
+        parser.error(str(err))
     rows = read_csv(args.results)
     current = [r for r in rows if keys.get(str(r.get("cell"))) == r.get("protocol")]
     print(results_markdown(current, grid))

@@ -12,6 +12,7 @@ from tests.test_bench import FAKE_MICS, _calls, _fake_grid, _main, small_grid
 from mics import bench
 from mics.bench import protocol
 from mics.bench.protocol import ResultsFile, order_by_value, protocol_key
+from mics.data.errors import DataError
 
 
 @pytest.fixture()
@@ -120,3 +121,20 @@ def test_dry_run_lists_only_the_cells_missing_from_the_results(tmp_path, fake_py
     assert code == 0 and "good__mics__l50__s0" in out and "good__mics__l10__s0" not in out
     assert out.strip().splitlines()[-1].startswith("1 cells: 0 done, 0 to resume, 1 new")
     assert not (tmp_path / "c").exists()
+
+
+def test_missing_data_is_an_error_before_any_run_folder_is_set_aside(tmp_path, fake_python):
+    grid = _fake_grid(tmp_path, seeds=[0])
+    (tmp_path / "good" / "a.png").write_bytes(b"12345")
+    out, table = tmp_path / "bench", tmp_path / "results" / "table2.csv"
+    kw = {"python": str(fake_python), "poll_s": 0.05, "progress": False, "results": table}
+    bench.run_bench(grid, out, **kw)
+    rows = ResultsFile(table).rows()
+    (tmp_path / "good").rename(tmp_path / "moved")  # the data unmounted, or a wrong path
+    protocol.data_manifest.cache_clear()
+    with pytest.raises(DataError, match="not found") as err:
+        bench.run_bench(grid, out, **kw)
+    assert str(tmp_path / "good") in str(err.value)
+    assert not list((out / "runs").glob("*.stale")) and ResultsFile(table).rows() == rows
+    with pytest.raises(DataError, match="not found"):
+        protocol_key(bench.expand_cells(grid)[0])

@@ -25,5 +25,5 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
         [sys.executable, str(SCRIPT), str(results), str(grid)], capture_output=True, text=True, cwd=REPO
     )
     assert proc.returncode == 2
-    assert "data folder(s) not found" in proc.stderr and str(absent) in proc.stderr
+    assert "data not found" in proc.stderr and str(absent) in proc.stderr
     assert proc.stdout == ""

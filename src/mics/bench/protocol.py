@@ -41,6 +41,15 @@ _RATIO_ORDER = {0.1: (0, 0), 0.05: (0, 1), 1.0: (0, 2), 0.5: (1, 0), 0.3: (1, 1)
 def data_manifest(path: str) -> str:
     """Hash of a data folder's file list with sizes (a single file: its name and size)."""
     root = Path(path)
+    if not root.exists():
+        # os.walk of a missing folder yields nothing: every row would look stale and its finished run
+        # folder would be set aside before the cells could fail on the missing data
+        from mics.data.errors import DataError
+
+        raise DataError(
+            f"data not found: {path!r}. A results row's protocol key hashes the data it was made on; set "
+            "the environment variable named in the grid or pass --set-data NAME=PATH"
+        )
     entries: list[tuple[str, int]] = []
     if root.is_file():
         entries = [(root.name, root.stat().st_size)]
