@@ -47,8 +47,8 @@ def data_manifest(path: str) -> str:
         from mics.data.errors import DataError
 
         raise DataError(
-            f"data not found: {path!r}. A results row's protocol key hashes the data it was made on; set "
-            "the environment variable named in the grid or pass --set-data NAME=PATH"
+            f"data not found: {path!r}. A results row's protocol key hashes the data it was made on: "
+            "point the grid's path (or mics bench --set-data NAME=PATH) at that data set's folder"
         )
     entries: list[tuple[str, int]] = []
     if root.is_file():
