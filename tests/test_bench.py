@@ -327,6 +327,16 @@ def test_plan_skips_finished_resumes_started_and_shares_pretraining(tmp_path):
     assert plan.n_pretrainings == 0
 
 
+def test_plan_names_a_cell_without_pretraining_and_does_not_count_it(tmp_path):
+    cells = [c for c in expand_cells(_grid("table3-smoke")) if c.seed == 0]
+    plan = plan_cells(cells, tmp_path)
+    roles = {t.cell.name: t.role for t in plan.tasks}
+    assert roles["no-pretrain"] == "no pre-training (random init)"
+    assert roles["cons"] == roles["cons-rec"] == roles["full"] == "pre-trains"
+    assert plan.n_pretrainings == 3
+    assert "[no pre-training (random init)]" in bench.describe_plan(plan, tmp_path)
+
+
 def test_a_started_owner_resumes_its_own_pretraining(tmp_path):
     cells = [c for c in expand_cells(small_grid()) if c.dataset == "a" and c.method == "mics" and c.seed == 0]
     rd = bench.run_dir_of(tmp_path, cells[1].id)

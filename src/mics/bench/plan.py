@@ -76,6 +76,8 @@ class Task:
             return f"reuses {self.pretrained.name}"
         if self.waits_for is not None:
             return f"reuses {self.waits_for}"
+        if self.cell.config().pretrain.epochs == 0:
+            return "no pre-training (random init)"
         return "pre-trains"
 
 
